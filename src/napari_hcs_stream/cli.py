@@ -1,0 +1,85 @@
+"""The ``napari-hcs-stream`` command: open a listening viewer, run the demo, talk to a viewer.
+
+Only ``viewer`` imports napari; every other subcommand runs on a machine without a GUI stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+
+def _viewer(args: argparse.Namespace) -> int:
+    from ._qt.launch import run_viewer
+
+    return run_viewer(args.endpoint, title=args.title)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _control(args: argparse.Namespace) -> int:
+    from .publisher.viewer import ViewerManager
+
+    manager = ViewerManager(args.endpoint)
+    if args.command == "status":
+        reply = manager.ping()
+        if reply is None:
+            print(f"no viewer answers on endpoint {args.endpoint!r}", file=sys.stderr)
+            return 1
+        reply["state"] = manager.state()
+    elif args.command == "clear":
+        reply = manager.clear(args.run)
+    else:  # stop
+        reply = manager.request("shutdown", close=True)
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok", False) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-hcs-stream",
+        description="Stream high-content-screening pipeline results, live, into napari.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("viewer", help="open napari with the HCS Stream widget listening")
+    p.add_argument("--endpoint", default="default",
+                   help="endpoint name (default: %(default)s) or address such as tcp://127.0.0.1:5555")
+    p.add_argument("--title", default=None, help="window title")
+    p.set_defaults(func=_viewer)
+
+    from .demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="run a pipeline on a synthetic plate, streaming into napari")
+    add_demo_arguments(p)
+    p.set_defaults(func=_demo)
+
+    for name, text in (("status", "ping a viewer and print its state"),
+                       ("clear", "clear one run's layers (or all) in a viewer"),
+                       ("stop", "ask a viewer to close")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--endpoint", default="default")
+        if name == "clear":
+            p.add_argument("--run", default=None, help="run id (default: every run)")
+        p.set_defaults(func=_control)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)

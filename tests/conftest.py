@@ -1,0 +1,61 @@
+"""Fixtures shared by every test.
+
+Every test checks that it left no shared-memory segment of ours behind in ``/dev/shm``: a
+segment that outlives its owner's intent is a bug, whichever test made it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "hcs_"
+
+
+def our_segments() -> set[str]:
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SEGMENT_PREFIX)}
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, message: str = ""):
+    """Wait for a condition with a deadline (tests never sleep a fixed time to wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {message or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def shm_clean() -> Iterator[None]:
+    """Fail a test that leaves a segment of ours in /dev/shm (waiting briefly for exits)."""
+    before = our_segments()
+    yield
+    try:
+        wait_until(lambda: not (our_segments() - before), timeout=10.0)
+    except AssertionError:
+        leaked = sorted(our_segments() - before)
+        for name in leaked:  # do not let one leak fail every later test too
+            try:
+                os.unlink(SHM_DIR / name)
+            except FileNotFoundError:
+                pass
+        pytest.fail(f"shared-memory segments leaked: {leaked}")
+
+
+@pytest.fixture
+def runtime_dir(tmp_path_factory, monkeypatch) -> Path:
+    """A private discovery/runtime folder so tests never see each other's (or a user's) viewers."""
+    path = tmp_path_factory.mktemp("run", numbered=True)
+    path.chmod(0o700)
+    monkeypatch.setenv("NAPARI_HCS_STREAM_RUNTIME_DIR", str(path))
+    return path
