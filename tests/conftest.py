@@ -17,10 +17,34 @@ SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "hcs_"
 
 
+def _owner_alive(name: str) -> bool:
+    try:
+        pid = int(name.split("_")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # ours: it counts
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def our_segments() -> set[str]:
+    """Segments this test run is answerable for: ours, or left by a process that is gone.
+
+    A segment whose owner is another live process (say, a second test run on the same
+    machine) is that process's business, not a leak of ours.
+    """
     if not SHM_DIR.is_dir():
         return set()
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SEGMENT_PREFIX)}
+    return {
+        p.name for p in SHM_DIR.iterdir()
+        if p.name.startswith(SEGMENT_PREFIX) and not _owner_alive(p.name)
+    }
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, message: str = ""):

@@ -170,7 +170,7 @@ def run_demo(args: argparse.Namespace) -> int:
         tasks = args.wells * args.sites
         with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
             result = run_pipeline(compiled, plate, executor=pool,
-                                  progress=ProgressBar(tasks, "processing"))
+                                  progress=ProgressBar(tasks, "processing"), viewers=False)
         for manager in managers:
             reply = manager.flush({k: v["last_seq"] for k, v in result.producers.items()})
             if not reply.get("ok"):

@@ -1,0 +1,310 @@
+"""Viewer-side benchmark: a producer process streams into a shown napari viewer.
+
+    xvfb-run -a python benchmarks/viewer.py --quick     # under a minute
+    xvfb-run -a python benchmarks/viewer.py             # more frames, steadier numbers
+
+This process is the viewer: napari (shown), the HCS Stream widget listening on a private ipc
+endpoint, its render tick running. A spawned producer process uses the real ``Publisher``
+(shared-memory ring, ``strict=True`` so the rate is end to end and nothing is dropped).
+
+* ``ingest_fps_<side>``: frames per second committed into the widget's layers, 2048x2048 and
+  512x512 uint16, cycling over 16 z planes of one well (the slider follows the newest frame,
+  so napari re-slices and redraws while it ingests: the honest live case).
+* ``raw_fps_<side>``: the raw two-process shared-memory ring limit for the same frames, from
+  ``benchmarks/transport.py`` (``run_raw``: no project code), run in this same session.
+* ``flat_ratio``: mean ingest cost per frame (listener-thread CPU time in ``destination`` +
+  copy + ``commit``; CPU time, so waits for the GIL held by napari's main thread do not count)
+  over the last 64 frames of a 96-well x 4-site x 4-channel 512x512 plate divided by that over
+  its first 64 (1.0: adding a frame costs the same however big the plate).
+  ``flat_ratio_median`` uses medians: the mean is dominated by the kernel's first touch of
+  each new well's memory (numpy asks for transparent huge pages: a new well's first frame
+  faults in and zeroes 2 MiB, several ms on this VM), which the first window does not pay
+  because its stacks are still small and growth copies touch their pages.
+  ``flat_ratio_interval`` is the same ratio for the wall time between commits (end to end,
+  including contention, so noisier).
+* ``rss_ratio``: this process's RSS growth over that plate / bytes of the plate's pixels.
+* ``latency_p99_ms``: ``publish()`` call (producer clock) to the render tick having applied
+  the frame to its layer (viewer clock; both CLOCK_MONOTONIC), 512x512 at half the measured
+  maximum rate.
+* ``tick_p99_ms``: 99th percentile of render ticks that applied something, whole session;
+  ``tick_p99_steady_ms`` leaves out the ticks that created or removed a napari layer (a
+  one-off of a few hundred ms per layer with software OpenGL: vispy visual, shaders, layer
+  controls, dims sliders).
+
+Progress goes to stderr; the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transport import run_raw  # the shared raw-ring baseline
+
+ENDPOINT = "bench"
+CHANNELS = ("DAPI", "GFP", "RFP", "Cy5")
+WINDOW = 64
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- producer process ------------------------------------------------------------------------
+def _produce(runtime_dir: str, phase: str, side: int, n: int, rate: float,
+             conn: Connection) -> None:
+    os.environ["NAPARI_HCS_STREAM_RUNTIME_DIR"] = runtime_dir
+    from napari_hcs_stream.publisher import Publisher
+
+    rng = np.random.default_rng(side)
+    frames = [rng.integers(0, 4096, (side, side), dtype=np.uint16) for _ in range(4)]
+    pub = Publisher(ENDPOINT, run=phase, producer=phase, transport="shm", strict=True,
+                    connect_timeout=20.0, strict_timeout=30.0, ring_slots=16)
+    conn.send("ready")
+    conn.recv()
+    next_at = time.monotonic()
+    for i, coords in enumerate(_coords(phase, n)):
+        meta = None
+        if rate:
+            next_at += 1.0 / rate
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            meta = {"t0": time.monotonic()}
+        pub.publish(frames[i % 4], source=f"{phase}{side}", meta=meta, **coords)
+    stats = {"sent": pub.stats.sent, "dropped": pub.stats.dropped}
+    pub.close()
+    conn.send(stats)
+
+
+def _coords(phase: str, n: int) -> list[dict[str, Any]]:
+    if phase == "plate":
+        wells = [f"{r}{c:02d}" for r in "ABCDEFGH" for c in range(1, 13)]
+        return [{"well": w, "site": s, "channel": ch}
+                for w in wells for s in range(1, 5) for ch in CHANNELS][:n]
+    return [{"well": "A01", "z": i % 16} for i in range(n)]
+
+
+# -- the viewer side ---------------------------------------------------------------------------
+def _instrumented_assembler() -> Any:
+    from napari_hcs_stream.assembler import PlateAssembler
+
+    class Timed(PlateAssembler):
+        """Records, in the listener thread, what each frame cost and when it landed."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.costs: list[float] = []
+            self.commits: list[float] = []
+            self.sent_at: list[float | None] = []
+            self._t0 = 0.0
+
+        def destination(self, header: Any) -> Any:
+            self._t0 = time.thread_time()  # CPU time of this thread: GIL waits excluded
+            return super().destination(header)
+
+        def commit(self, header: Any, array: Any) -> None:
+            super().commit(header, array)
+            self.costs.append(time.thread_time() - self._t0)
+            self.commits.append(time.perf_counter())
+            self.sent_at.append(header.meta.get("t0"))
+
+    return Timed()
+
+
+def _run_until(app: Any, done: Callable[[], bool], timeout: float) -> None:
+    """Run the Qt event loop (not a busy loop: it sleeps between events) until ``done``."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    loop = QEventLoop()
+    deadline = time.monotonic() + timeout
+    timer = QTimer()
+    timer.setInterval(5)
+    timer.timeout.connect(lambda: (done() or time.monotonic() > deadline) and loop.quit())
+    timer.start()
+    if not done():
+        loop.exec()
+    timer.stop()
+    if not done():
+        raise TimeoutError(f"benchmark phase did not finish within {timeout:.0f} s")
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Session:
+    def __init__(self, runtime_dir: str) -> None:
+        import napari
+        from qtpy.QtWidgets import QApplication
+
+        from napari_hcs_stream._qt.widget import StreamWidget
+
+        self.runtime_dir = runtime_dir
+        self.viewer = napari.Viewer(show=True, title="napari-hcs-stream benchmark")
+        self.app = QApplication.instance()
+        self.assembler = _instrumented_assembler()
+        self.widget = StreamWidget(self.viewer, assembler=self.assembler)
+        self.viewer.window.add_dock_widget(self.widget, name="HCS Stream")
+        self.widget.start(ENDPOINT)
+        _run_until(self.app, lambda: bool(self.widget.listener and
+                                          self.widget.listener.address), 20)
+        self.render = self.widget.render_tick
+        self.latencies: list[float] = []
+        self.loads: list[float] = []
+        self._marked = 0
+        self.render.applied.connect(self._on_applied)
+
+    def _on_applied(self) -> None:
+        """Frames up to the rendered generation are in their layers now."""
+        now = time.monotonic()
+        self.loads.append(self.render.pacer.load())
+        upto = min(self.render.rendered_generation, len(self.assembler.sent_at))
+        for i in range(self._marked, upto):
+            sent = self.assembler.sent_at[i]
+            if sent is not None:
+                self.latencies.append(now - sent)
+        self._marked = max(self._marked, upto)
+
+    def stream(self, phase: str, side: int, n: int, rate: float = 0.0) -> dict[str, Any]:
+        start = len(self.assembler.commits)
+        self.loads.clear()
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_produce, args=(self.runtime_dir, phase, side, n, rate, child))
+        proc.start()
+        _run_until(self.app, lambda: parent.poll(0), 60)
+        parent.recv()
+        parent.send("go")
+        _run_until(self.app, lambda: len(self.assembler.commits) - start >= n
+                   and self.render.rendered_generation >= start + n, 300)
+        _run_until(self.app, lambda: parent.poll(0), 60)
+        stats = parent.recv()
+        proc.join(30)
+        commits = self.assembler.commits[start:]
+        fps = (len(commits) - 1) / (commits[-1] - commits[0]) if len(commits) > 1 else 0.0
+        load = float(np.mean(self.loads)) if self.loads else 0.0
+        log(f"  {phase} {side}: listener load {load:.2f}, {len(self.loads)} redraws")
+        return {"fps": fps, "costs": self.assembler.costs[start:], "commits": commits,
+                "load": load, **stats}
+
+    def clear(self) -> None:
+        self.widget.clear(None)
+        self._run(0.3)
+        gc.collect()
+
+    def _run(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        _run_until(self.app, lambda: time.monotonic() >= end, seconds + 5)
+
+    def close(self) -> None:
+        self.widget.stop()
+        self.viewer.close()
+
+
+def _median_of(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (under a minute)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per size")
+    args = parser.parse_args()
+    counts = {2048: 120, 512: 800} if args.quick else {2048: 400, 512: 3000}
+    repeats = args.repeats or (3 if args.quick else 5)
+    plate_n = 96 * 4 * 4
+    out: dict[str, Any] = {"cpus": os.cpu_count(), "quick": args.quick, "repeats": repeats}
+
+    with tempfile.TemporaryDirectory(prefix="hcsv") as rundir:
+        Path(rundir).chmod(0o700)
+        os.environ["NAPARI_HCS_STREAM_RUNTIME_DIR"] = rundir
+        session = Session(rundir)
+        try:
+            for side in counts:  # napari's first layer of each kind costs a one-off setup
+                session.stream("ingest", side, 32)
+            fps: dict[int, list[float]] = {side: [] for side in counts}
+            raw: dict[int, list[float]] = {side: [] for side in counts}
+            for rep in range(repeats):  # interleaved, so machine noise hits both alike
+                for side, n in counts.items():
+                    raw[side].append(run_raw(side, n)["fps"])
+                    r = session.stream("ingest", side, n)
+                    fps[side].append(r["fps"])
+                    log(f"{side}x{side} run {rep + 1}/{repeats}: viewer {r['fps']:.0f} "
+                        f"frames/s (sent {r['sent']}, dropped {r['dropped']}), raw ring "
+                        f"{raw[side][-1]:.0f} frames/s")
+            for side in counts:
+                f, rf = _median_of(fps[side]), _median_of(raw[side])
+                out[f"ingest_fps_{side}"] = round(f, 1)
+                out[f"raw_fps_{side}"] = round(rf, 1)
+                out[f"ingest_ratio_{side}"] = round(f / rf, 3) if rf else 0.0
+            session.clear()
+
+            gc.collect()
+            rss0 = _rss_bytes()
+            r = session.stream("plate", 512, plate_n)
+            rss1 = _rss_bytes()
+            costs, commits = r["costs"], np.diff(r["commits"])
+            out["flat_ratio"] = round(statistics.mean(costs[-WINDOW:])
+                                      / statistics.mean(costs[:WINDOW]), 3)
+            out["flat_ratio_median"] = round(statistics.median(costs[-WINDOW:])
+                                             / statistics.median(costs[:WINDOW]), 3)
+            out["flat_ratio_interval"] = round(float(commits[-WINDOW:].mean()
+                                                     / commits[:WINDOW].mean()), 3)
+            out["plate_fps"] = round(r["fps"], 1)
+            pixels = plate_n * 512 * 512 * 2
+            out["rss_ratio"] = round((rss1 - rss0) / pixels, 3)
+            out["plate_layers"] = len(session.viewer.layers)
+            log(f"plate 96x4x4 512x512: {r['fps']:.0f} frames/s, flat ratio "
+                f"{out['flat_ratio']:.2f} (median {out['flat_ratio_median']:.2f}, interval "
+                f"{out['flat_ratio_interval']:.2f}), "
+                f"rss growth {(rss1 - rss0) / 2**20:.0f} MiB for {pixels / 2**20:.0f} MiB "
+                f"of pixels (ratio {out['rss_ratio']:.2f})")
+            session.clear()
+
+            rate = 0.5 * out["ingest_fps_512"]
+            session.stream("latency", 512, 32)  # the layer exists before timing starts
+            session.latencies.clear()
+            n = int(min(rate * (5 if args.quick else 20), 20000))
+            session.stream("latency", 512, n, rate=rate)
+            lat = np.array(session.latencies) * 1e3
+            out["latency_rate_fps"] = round(rate, 1)
+            out["latency_p50_ms"] = round(float(np.percentile(lat, 50)), 2)
+            out["latency_p99_ms"] = round(float(np.percentile(lat, 99)), 2)
+            log(f"latency at {rate:.0f} frames/s ({len(lat)} frames): p50 "
+                f"{out['latency_p50_ms']:.1f} ms, p99 {out['latency_p99_ms']:.1f} ms")
+            ticks = np.fromiter(session.render.tick_ms, float)
+            out["tick_p50_ms"] = round(float(np.percentile(ticks, 50)), 2)
+            out["tick_p99_ms"] = round(float(np.percentile(ticks, 99)), 2)
+            out["tick_max_ms"] = round(float(ticks.max()), 2)
+            steady = np.fromiter(session.render.steady_tick_ms, float)
+            out["tick_p99_steady_ms"] = round(float(np.percentile(steady, 99)), 2)
+            log(f"render ticks ({len(ticks)}): p50 {out['tick_p50_ms']:.1f} ms, p99 "
+                f"{out['tick_p99_ms']:.1f} ms, max {out['tick_max_ms']:.1f} ms; without the "
+                f"{len(ticks) - len(steady)} that created or removed layers: p99 "
+                f"{out['tick_p99_steady_ms']:.1f} ms")
+        finally:
+            session.close()
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

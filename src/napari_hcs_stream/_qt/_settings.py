@@ -1,0 +1,73 @@
+"""Where the widget's defaults come from: environment, then napari plugin settings, then built-in.
+
+The manifest contributes a ``stream`` configuration (napari >= 0.9 shows it under
+Preferences > Plugins and saves it next to napari's own settings). The launcher sets the
+environment variables, which win so that a pipeline-launched viewer always listens where the
+pipeline expects. Older napari has no plugin settings: the built-in defaults apply there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PLUGIN = "napari-hcs-stream"
+ENV_ENDPOINT = "NAPARI_HCS_STREAM_ENDPOINT"
+ENV_AUTOSTART = "NAPARI_HCS_STREAM_AUTOSTART"
+ENV_OWNED = "NAPARI_HCS_STREAM_OWNED"
+DEFAULT_ENDPOINT = "default"
+
+
+def _plugin_settings() -> Any:
+    try:
+        from napari.settings import get_plugin_settings
+    except ImportError:  # napari < 0.9
+        return None
+    try:
+        return get_plugin_settings(PLUGIN).stream
+    except Exception as exc:  # not registered (tests, odd installs): fall back quietly
+        log.debug("no plugin settings for %s: %s", PLUGIN, exc)
+        return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def default_endpoint() -> str:
+    env = os.environ.get(ENV_ENDPOINT, "").strip()
+    if env:
+        return env
+    settings = _plugin_settings()
+    value = getattr(settings, "endpoint", "") if settings is not None else ""
+    return str(value).strip() or DEFAULT_ENDPOINT
+
+
+def autostart() -> bool:
+    if _env_flag(ENV_AUTOSTART):
+        return True
+    settings = _plugin_settings()
+    return bool(getattr(settings, "autostart", False)) if settings is not None else False
+
+
+def launched() -> bool:
+    """This napari was started by our launcher (it may close on a ``shutdown`` with close)."""
+    return _env_flag(ENV_AUTOSTART) or _env_flag(ENV_OWNED)
+
+
+def owned() -> bool:
+    """This napari belongs to the pipeline run that launched it (any ``shutdown`` closes it)."""
+    return _env_flag(ENV_OWNED)
+
+
+def remember_endpoint(endpoint: str) -> None:
+    """Keep the endpoint the user typed for next time (only ever called from a UI action)."""
+    settings = _plugin_settings()
+    if settings is None or os.environ.get(ENV_ENDPOINT):
+        return
+    with contextlib.suppress(Exception):
+        settings.endpoint = endpoint

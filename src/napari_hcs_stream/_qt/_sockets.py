@@ -1,0 +1,120 @@
+"""The listener's two sockets, data (Receiver, SUB) and control (ControlServer, ROUTER).
+
+Kept apart from the thread class so the listener loop reads as: poll, service, answer. Bound
+and closed by the listener thread only (ZeroMQ sockets belong to their thread). Closing
+removes the discovery file (the Receiver registered it) and releases every shared-memory
+mapping; nothing here ever unlinks a producer's segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ..control import DEFER, ControlServer, Token
+from ..endpoints import endpoint_to_bind
+from ..protocol import CONTROL_COMMANDS
+from ..receiver import Receiver
+
+log = logging.getLogger(__name__)
+
+#: (command, request, token) -> a reply now, or None to answer later.
+Handler = Callable[[str, dict[str, Any], Any], "dict[str, Any] | None"]
+#: the protocol's commands plus the viewer's own (``screenshot``: for unattended demos).
+COMMANDS = CONTROL_COMMANDS | {"screenshot"}
+#: rejections are logged at most this often (the receiver counts every one).
+_ERROR_LOG_EVERY_S = 1.0
+
+
+class ListenerSockets:
+    """Binds both sockets for ``endpoint`` (a name or an address) and services them."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        assembler: Any,
+        handler: Handler,
+        on_committed: Callable[[], None],
+    ) -> None:
+        self._handler = handler
+        self._assembler = assembler
+        self._on_committed = on_committed
+        self._errors = 0
+        self._logged_at = 0.0
+        want = endpoint_to_bind(endpoint)
+        self.control = ControlServer(want.control, self._handle, commands=COMMANDS)
+        self.receiver = Receiver(
+            want,
+            destination=assembler.destination,
+            on_frame=self._on_frame,
+            on_torn=assembler.discard,
+            on_error=self._on_error,
+        )
+        try:
+            control_address = self.control.bind()
+            bound = self.receiver.bind(control_address)
+        except BaseException:
+            self.close()
+            raise
+        self.address = bound.data
+        self.control_address = bound.control
+
+    # -- callbacks (listener thread) ---------------------------------------------------------
+    def _on_frame(self, header: Any, array: Any) -> None:
+        self._assembler.commit(header, array)
+        self._on_committed()
+
+    def _on_error(self, reason: str) -> None:
+        self._errors += 1
+        now = time.monotonic()
+        if now - self._logged_at >= _ERROR_LOG_EVERY_S:
+            self._logged_at = now
+            log.info("HCS Stream rejected %d message(s) so far; latest: %s", self._errors, reason)
+
+    def _handle(self, request: dict[str, Any], token: Token) -> Any:
+        reply = self._handler(str(request.get("cmd")), request, token)
+        return DEFER if reply is None else reply
+
+    # -- the loop's calls --------------------------------------------------------------------
+    def sockets(self) -> list[zmq.Socket]:
+        return [s for s in (self.receiver.socket, self.control.socket) if s is not None]
+
+    def service(self, ready: dict[Any, int]) -> None:
+        """Handle what is waiting: a batch of frames, then every control request."""
+        if self.receiver.socket in ready:
+            self.receiver.poll(0)
+        if self.control.socket in ready:
+            self.control.handle_pending()
+
+    @property
+    def seen(self) -> dict[str, int]:
+        """Highest sequence number accounted for per producer (received, dropped, rejected)."""
+        return self.receiver.last_seqs()
+
+    def reply(self, token: Any, message: dict[str, Any]) -> None:
+        self.control.reply(token, message)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the counts for the widget (safe to hand to another thread)."""
+        stats = self.receiver.stats.as_dict()
+        producers = stats.pop("producers")
+        return {
+            "address": self.address,
+            "control_address": self.control_address,
+            "producers": producers,
+            "totals": stats,
+            "last_error": stats.get("last_error", ""),
+            "errors": self._errors,
+        }
+
+    def close(self) -> None:
+        """Close both sockets (the receiver also removes the discovery file); idempotent."""
+        with contextlib.suppress(Exception):
+            self.receiver.close()
+        with contextlib.suppress(Exception):
+            self.control.close()

@@ -1,0 +1,335 @@
+"""The render tick: a main-thread timer that turns assembler updates into napari layer changes.
+
+The listener thread writes pixels straight into the assembler's stacks; napari only has to be
+told. Each tick costs what changed, not what exists: a new layer is added once, ``layer.data`` is
+reassigned only when a stack grew (new well, site or channel), and an in-place write is refreshed
+only when it lands in the slice the user is looking at (moving a slider re-slices anyway).
+
+The user's edits win: contrast limits the user set are never overwritten (assembler contrast
+refinements apply only until the user touches them), and colormap, opacity, visibility and
+blending are restored if a data reassignment ever resets them. The slider follows the newest
+frame only while the user sits at the previous newest position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from ._pacing import Pacer
+from .overlay import STACK_NDIM, stack_step
+
+log = logging.getLogger(__name__)
+
+#: layer properties a user may edit that a data reassignment must not lose.
+_KEPT = ("colormap", "opacity", "visible", "blending", "gamma")
+#: how often a refreshed layer's thumbnail is recomputed (it costs a downsampling pass).
+_THUMBNAIL_EVERY_S = 0.5
+
+
+@dataclass
+class _Streamed:
+    """Book-keeping for one streamed layer."""
+
+    layer: Any
+    user_contrast: bool = False
+    setting_contrast: bool = False
+    thumbnail_at: float = 0.0
+    connections: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
+
+
+class RenderTick(QObject):
+    """Applies ``assembler.take_updates()`` to ``viewer`` about 30 times a second.
+
+    ``generation`` returns how many frames the listener has committed so far; it is read before
+    taking updates, so once a tick has applied, every frame counted by then is in its layer
+    (``rendered_generation``; flush waits on it).
+    """
+
+    #: emitted after a tick that changed something (the overlay re-reads its text).
+    applied = Signal()
+
+    def __init__(
+        self,
+        viewer: Any,
+        assembler: Any,
+        *,
+        generation: Callable[[], int] = lambda: 0,
+        pacer: Pacer | None = None,
+    ) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self._assembler = assembler
+        self._generation = generation
+        self._layers: dict[str, _Streamed] = {}
+        self._dismissed: set[str] = set()
+        self._removing = False
+        self.rendered_generation = 0
+        #: durations (ms) of ticks that applied something, and of those that added or
+        #: removed no layer (creating a napari layer is a one-off that costs far more).
+        self.tick_ms: deque[float] = deque(maxlen=4096)
+        self.steady_tick_ms: deque[float] = deque(maxlen=4096)
+        self.frames_applied = 0
+        self.pacer = pacer or Pacer()
+        self._structural = False  # this tick added or removed a layer
+        self._closed = False
+        self._timer = QTimer()
+        self._timer.setInterval(self.pacer.interval_ms)
+        self._timer.timeout.connect(self.tick)
+        self._connections: list[tuple[Any, Callable[..., Any]]] = [
+            (viewer.layers.events.removed, self._on_layer_removed),
+        ]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+    @property
+    def active(self) -> bool:
+        return self._timer.isActive()
+
+    def close(self) -> None:
+        """Stop ticking and disconnect everything (layers stay in the viewer for the user)."""
+        self._closed = True
+        self._timer.stop()
+        with contextlib.suppress(RuntimeError, TypeError):
+            self._timer.timeout.disconnect(self.tick)
+        for signal, slot in self._connections:
+            with contextlib.suppress(RuntimeError, TypeError, ValueError):
+                signal.disconnect(slot)
+        self._connections.clear()
+        for streamed in self._layers.values():
+            self._disconnect(streamed)
+        self._layers.clear()
+
+    # -- what the widget and overlay read -------------------------------------------------------
+    def streamed(self) -> dict[str, Any]:
+        """``{assembler layer name: napari layer}`` in viewer stacking order (bottom first)."""
+        order = {layer.unique_id: i for i, layer in enumerate(self._viewer.layers)}
+        items = sorted(self._layers.items(), key=lambda kv: order.get(kv[1].layer.unique_id, -1))
+        return {name: s.layer for name, s in items}
+
+    def user_set_contrast(self, name: str) -> bool:
+        s = self._layers.get(name)
+        return bool(s and s.user_contrast)
+
+    @property
+    def tick_p99_ms(self) -> float:
+        if not self.tick_ms:
+            return 0.0
+        return float(np.percentile(np.fromiter(self.tick_ms, float), 99))
+
+    # -- the tick --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Apply every pending update; never raises into the Qt event loop."""
+        start = time.perf_counter()
+        generation = self._generation()
+        try:
+            updates = self._assembler.take_updates()
+            changed = self._apply_all(updates)
+        except Exception:  # a bug here must not kill the timer; it is logged with a traceback
+            log.exception("applying streamed updates failed")
+            changed = False
+        self.rendered_generation = max(self.rendered_generation, generation)
+        if changed:
+            cost = (time.perf_counter() - start) * 1e3
+            self.tick_ms.append(cost)
+            if not self._structural:  # adding a layer is a one-off, not the streaming cost
+                self.steady_tick_ms.append(cost)
+                self._pace(lambda: self.pacer.record(cost))
+            self.applied.emit()
+        else:
+            self._pace(self.pacer.idle)
+
+    def _pace(self, update: Callable[[], None]) -> None:
+        if self._closed:
+            return
+        before = self.pacer.interval_ms
+        update()
+        if self.pacer.interval_ms != before and self._timer.isActive():
+            self._timer.setInterval(self.pacer.interval_ms)
+
+    def _apply_all(self, updates: Sequence[Any]) -> bool:
+        self._structural = False
+        if not updates:
+            return False
+        moved = False
+        for update in updates:
+            self.frames_applied += int(getattr(update, "frames", 0) or 0)
+            if update.removed:
+                self._remove(update.name)
+                self._structural = True
+                continue
+            if update.new or update.name not in self._layers:
+                if update.name in self._dismissed and not update.new:
+                    continue  # the user deleted this layer: do not bring it back
+                self._dismissed.discard(update.name)
+                self._add(update)
+                self._structural = True
+                moved |= self._follow(update, new=True)
+                continue
+            streamed = self._layers[update.name]
+            if update.grew:
+                self._reassign(streamed, update.data)
+            self._refine_contrast(streamed, update.contrast_limits)
+            if self._follow(update, new=False):
+                moved = True
+            elif not update.grew and not moved:
+                self._refresh_if_visible(streamed, update.dirty_steps)
+        return True
+
+    # -- per-update steps -----------------------------------------------------------------------
+    def _add(self, update: Any) -> None:
+        if update.name in self._layers:  # re-created after a clear: replace the old one
+            self._remove(update.name)
+        kwargs: dict[str, Any] = {
+            "name": update.name,
+            "metadata": {"hcs_stream": dict(update.metadata or {})},
+            "blending": update.blending or None,
+        }
+        labels = tuple(update.axis_labels or ())
+        if labels:
+            kwargs["axis_labels"] = labels
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if update.kind == "labels":
+            layer = self._viewer.add_labels(update.data, **kwargs)
+        else:
+            if update.colormap:
+                kwargs["colormap"] = update.colormap
+            if update.contrast_limits is not None:
+                kwargs["contrast_limits"] = tuple(update.contrast_limits)
+            layer = self._viewer.add_image(update.data, rgb=bool(update.rgb), **kwargs)
+        streamed = _Streamed(layer)
+        if hasattr(layer.events, "contrast_limits"):
+            slot = self._contrast_watcher(streamed)
+            layer.events.contrast_limits.connect(slot)
+            streamed.connections.append((layer.events.contrast_limits, slot))
+        self._layers[update.name] = streamed
+
+    def _contrast_watcher(self, streamed: _Streamed) -> Callable[[object], None]:
+        def on_contrast(_event: object = None) -> None:
+            if not streamed.setting_contrast:
+                streamed.user_contrast = True
+
+        return on_contrast
+
+    def _reassign(self, streamed: _Streamed, data: Any) -> None:
+        layer = streamed.layer
+        kept = {k: getattr(layer, k) for k in _KEPT if hasattr(layer, k)}
+        contrast = getattr(layer, "contrast_limits", None)
+        streamed.setting_contrast = True
+        try:
+            layer.data = data
+            if contrast is not None and list(layer.contrast_limits) != list(contrast):
+                layer.contrast_limits = contrast
+        finally:
+            streamed.setting_contrast = False
+        for key, value in kept.items():
+            if _differs(getattr(layer, key), value):
+                setattr(layer, key, value)
+
+    def _refine_contrast(self, streamed: _Streamed, limits: Sequence[float] | None) -> None:
+        if limits is None or streamed.user_contrast:
+            return
+        layer = streamed.layer
+        if not hasattr(layer, "contrast_limits") or list(layer.contrast_limits) == list(limits):
+            return
+        streamed.setting_contrast = True
+        try:
+            layer.contrast_limits = tuple(limits)
+        finally:
+            streamed.setting_contrast = False
+
+    def _follow(self, update: Any, *, new: bool) -> bool:
+        """Move the stack sliders to the newest frame if the user was at the previous newest."""
+        newest = update.newest
+        if newest is None:
+            return False
+        layer = self._layers[update.name].layer
+        dims = self._viewer.dims
+        current = tuple(dims.current_step)
+        offset = max(0, len(current) - layer.ndim)
+        here = stack_step(current, layer.ndim)
+        previous = update.previous_newest
+        if not new and previous is not None and tuple(previous) != here:
+            return False  # the user is looking elsewhere: leave the sliders alone
+        if tuple(newest) == here:
+            return False
+        step = list(current)
+        for i, index in enumerate(newest[:STACK_NDIM]):
+            if offset + i < len(step) and offset + i not in dims.displayed:
+                step[offset + i] = int(index)
+        if tuple(step) == current:
+            return False
+        dims.current_step = tuple(step)
+        return True
+
+    def _refresh_if_visible(
+        self, streamed: _Streamed, dirty: Iterable[Sequence[int]] | None
+    ) -> None:
+        layer = streamed.layer
+        if not layer.visible:
+            return  # napari re-slices when the layer is shown again
+        if dirty is not None:
+            here = stack_step(self._viewer.dims.current_step, layer.ndim)
+            offset = max(0, self._viewer.dims.ndim - layer.ndim)
+            free = [i for i in range(STACK_NDIM) if offset + i not in self._viewer.dims.displayed]
+            if not any(all(int(d[i]) == here[i] for i in free) for d in dirty):
+                return
+        now = time.monotonic()
+        thumbnail = now - streamed.thumbnail_at > _THUMBNAIL_EVERY_S
+        if thumbnail:
+            streamed.thumbnail_at = now
+        layer.refresh(extent=False, thumbnail=thumbnail, highlight=False)
+
+    def _remove(self, name: str) -> None:
+        streamed = self._layers.pop(name, None)
+        if streamed is None:
+            return
+        self._disconnect(streamed)
+        self._removing = True
+        try:
+            with contextlib.suppress(ValueError, KeyError):
+                self._viewer.layers.remove(streamed.layer)
+        finally:
+            self._removing = False
+
+    def _on_layer_removed(self, event: Any) -> None:
+        """The user deleted a streamed layer: forget it, and do not re-add it until it is new."""
+        if self._removing:
+            return
+        removed = getattr(event, "value", None)
+        if removed is None:
+            return
+        for name, streamed in list(self._layers.items()):
+            if streamed.layer.unique_id == removed.unique_id:
+                self._disconnect(streamed)
+                del self._layers[name]
+                self._dismissed.add(name)
+
+    @staticmethod
+    def _disconnect(streamed: _Streamed) -> None:
+        for signal, slot in streamed.connections:
+            with contextlib.suppress(RuntimeError, TypeError, ValueError):
+                signal.disconnect(slot)
+        streamed.connections.clear()
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except ValueError:  # numpy arrays compare element-wise
+        return not np.array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,407 @@
+"""The HCS Stream dock widget: where to listen, what arrived, what went wrong, how to show it.
+
+napari creates it from the Plugins menu (npe2 injects the viewer) or the launcher docks it with
+``viewer.window.add_plugin_dock_widget("napari-hcs-stream", "HCS Stream")``. Its Python API
+(``start``, ``stop``, ``is_listening``, ``endpoint``, ``assembler``, ``listener``) is what the
+launcher and the tests drive.
+
+napari never sends close events to dock widgets, so teardown hangs off three things that do
+happen: the widget's C++ object being destroyed (the window closed), the widget leaving its
+dock (``remove_dock_widget``), and the application quitting. All three run the same idempotent
+:class:`_Resources.close`, which holds no reference to Qt objects that may already be gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtCore import QEvent, QTimer
+from qtpy.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QElidingLabel
+
+from ..assembler import DEFAULT_MODES, STACK_AXES, PlateAssembler
+from . import _settings
+from ._counts import CountsTable
+from ._pacing import Pacer
+from .listener import CommitCounter, ListenerThread
+from .overlay import DimsLabelOverlay
+from .render import RenderTick
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+ERROR_STYLE = "color: #e5534b;"  # red reads on napari's dark and light themes alike
+ALL_RUNS = "(all runs)"
+INFO_EVERY_S = 0.5
+#: listeners that did not stop in time: kept alive until they do (never destroyed running).
+_STUCK: list[ListenerThread] = []
+GIB = 1024**3
+
+
+class _Resources:
+    """Everything to undo on teardown; plain Python so it outlives the widget's C++ side."""
+
+    def __init__(self) -> None:
+        self.listener: ListenerThread | None = None
+        self.render: RenderTick | None = None
+        self.overlay: DimsLabelOverlay | None = None
+        self.connections: list[tuple[Any, Callable[..., Any]]] = []
+        self.listener_connections: list[tuple[Any, Callable[..., Any]]] = []
+        self.closed = False
+
+    def connect(self, signal: Any, slot: Callable[..., Any]) -> None:
+        signal.connect(slot)
+        self.connections.append((signal, slot))
+
+    def connect_listener(self, signal: Any, slot: Callable[..., Any]) -> None:
+        signal.connect(slot)
+        self.listener_connections.append((signal, slot))
+
+    def stop_listener(self) -> None:
+        """Stop the listener (bounded wait) and disconnect what ``start`` connected to it."""
+        listener, self.listener = self.listener, None
+        if listener is not None and not listener.stop():
+            _STUCK.append(listener)  # destroying a running QThread would abort the process
+        _disconnect_all(self.listener_connections)
+
+    def close(self, *_: object) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.stop_listener()
+        _disconnect_all(self.connections)
+        if self.overlay is not None:
+            self.overlay.close()
+        if self.render is not None:
+            self.render.close()
+
+
+class StreamWidget(QWidget):
+    """Listen for streamed HCS frames and show them as napari layers."""
+
+    def __init__(
+        self,
+        napari_viewer: napari.viewer.Viewer,
+        parent: QWidget | None = None,
+        *,
+        assembler: Any = None,
+    ) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        #: a ``shutdown`` request closes napari (the launching pipeline owns this process).
+        self.owned = _settings.owned()
+        #: a ``shutdown`` request with ``close: true`` closes napari (our launcher started it).
+        self.launched = _settings.launched()
+        self._assembler = assembler if assembler is not None else PlateAssembler()
+        self._counter = CommitCounter()
+        self._res = _Resources()
+        self._was_docked = False
+        self._info_at = 0.0
+        self._close_when_stopped = False
+        self._build_ui()
+
+        self._res.render = RenderTick(napari_viewer, self._assembler, generation=self._counter.get,
+                                      pacer=Pacer(load=self._counter.get_load))
+        self._res.overlay = DimsLabelOverlay(napari_viewer, self._assembler,
+                                             self._res.render.streamed)
+        self._res.connect(self._res.render.applied, self._res.overlay.update)
+        self._res.connect(self._res.render.applied, self._on_rendered)
+        self._res.connect(self.destroyed, self._res.close)
+        app = QApplication.instance()
+        if app is not None:
+            self._res.connect(app.aboutToQuit, self._res.close)
+        self._res.render.start()
+        if _settings.autostart():
+            self.start()
+
+    # -- public API ------------------------------------------------------------------------------
+    @property
+    def assembler(self) -> Any:
+        return self._assembler
+
+    @property
+    def listener(self) -> ListenerThread | None:
+        return self._res.listener
+
+    @property
+    def render_tick(self) -> RenderTick | None:
+        return self._res.render
+
+    @property
+    def overlay(self) -> DimsLabelOverlay | None:
+        return self._res.overlay
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint listened on (or to be listened on): a name or an address."""
+        listener = self._res.listener
+        return listener.endpoint if listener is not None else self.endpoint_edit.text().strip()
+
+    @property
+    def is_listening(self) -> bool:
+        listener = self._res.listener
+        return listener is not None and (listener.isRunning() or not listener.isFinished())
+
+    def start(self, endpoint: str | None = None) -> None:
+        """Listen on ``endpoint`` (default: the line edit); restarts if it is another one."""
+        if self._res.closed:
+            raise RuntimeError("this HCS Stream widget was closed; open a new one")
+        endpoint = (endpoint or self.endpoint_edit.text()).strip() or _settings.DEFAULT_ENDPOINT
+        if self.is_listening:
+            if endpoint == self.endpoint:
+                return
+            self.stop()
+        self.endpoint_edit.setText(endpoint)
+        listener = ListenerThread(
+            endpoint,
+            self._assembler,
+            counter=self._counter,
+            rendered=self._rendered_generation,
+            close_on_shutdown=self._closes_on_shutdown,
+        )
+        for signal, slot in (
+            (listener.status, self._on_status),
+            (listener.bound, self._on_bound),
+            (listener.failed, self._on_failed),
+            (listener.clear_requested, self._on_clear_requested),
+            (listener.shutdown_requested, self._on_shutdown_requested),
+            (listener.screenshot_requested, self._on_screenshot_requested),
+            (listener.finished, self._on_finished),
+        ):
+            self._res.connect_listener(signal, slot)
+        self._res.listener = listener
+        self.state_label.setText(f"Starting on {endpoint}…")
+        self.start_button.setText("Stop")
+        self.endpoint_edit.setEnabled(False)
+        listener.start()
+
+    def stop(self) -> None:
+        """Stop listening (bounded wait); layers and counts stay."""
+        self._res.stop_listener()
+        self._show_stopped()
+
+    # -- UI ----------------------------------------------------------------------------------------
+    def _build_ui(self) -> None:
+        self.endpoint_edit = QLineEdit(_settings.default_endpoint())
+        self.endpoint_edit.setToolTip(
+            "Endpoint name (producers find it by name) or address (ipc://PATH, tcp://HOST:PORT)"
+        )
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self._on_start_clicked)
+        row = QHBoxLayout()
+        row.addWidget(self.endpoint_edit, 1)
+        row.addWidget(self.start_button)
+        self.state_label = QLabel("Not listening")
+        self.state_label.setWordWrap(True)
+        self.counts = CountsTable()
+        self.error_label = QElidingLabel("")
+        self.error_label.setStyleSheet(ERROR_STYLE)
+        self.memory_label = QLabel("No streamed layers")
+        self.cap_spin = QDoubleSpinBox()
+        self.cap_spin.setRange(0.25, 4096.0)
+        self.cap_spin.setDecimals(2)
+        self.cap_spin.setSuffix(" GiB")
+        self.cap_spin.setValue(self._assembler.max_bytes / GIB)
+        self.cap_spin.setToolTip(
+            "Most memory streamed layers may take; past it new frames are rejected (clear a "
+            "run to make room). Applies to the next allocation."
+        )
+        self.cap_spin.valueChanged.connect(self._on_cap_changed)
+
+        form = QFormLayout()
+        form.addRow("Endpoint", row)
+        form.addRow("State", self.state_label)
+        form.addRow("Memory", self.memory_label)
+        form.addRow("Memory cap", self.cap_spin)
+
+        self.mode_combos: dict[str, QComboBox] = {}
+        modes_box = QGroupBox("Show each component as (new layers)")
+        grid = QGridLayout(modes_box)
+        modes = {**DEFAULT_MODES, **self._assembler.modes}
+        for i, component in enumerate(STACK_AXES):
+            combo = QComboBox()
+            combo.addItems(["stack", "layer"])
+            combo.setCurrentText(modes[component].value)
+            combo.setToolTip(f"stack: a slider axis; layer: one layer per {component}")
+            combo.currentTextChanged.connect(self._on_mode_changed)
+            self.mode_combos[component] = combo
+            grid.addWidget(QLabel(component), i // 3, (i % 3) * 2)
+            grid.addWidget(combo, i // 3, (i % 3) * 2 + 1)
+
+        self.run_combo = QComboBox()
+        self.run_combo.addItem(ALL_RUNS)
+        self.clear_run_button = QPushButton("Clear run")
+        self.clear_run_button.clicked.connect(self._on_clear_run_clicked)
+        self.clear_all_button = QPushButton("Clear all")
+        self.clear_all_button.clicked.connect(lambda: self.clear(None))
+        clear_row = QHBoxLayout()
+        clear_row.addWidget(self.run_combo, 1)
+        clear_row.addWidget(self.clear_run_button)
+        clear_row.addWidget(self.clear_all_button)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.counts)
+        layout.addWidget(self.error_label)
+        layout.addWidget(modes_box)
+        layout.addLayout(clear_row)
+        layout.addStretch(1)
+
+    def _show_stopped(self) -> None:
+        self.start_button.setText("Start")
+        self.endpoint_edit.setEnabled(True)
+        self.state_label.setText("Not listening")
+
+    # -- slots (main thread) -----------------------------------------------------------------
+    def _on_start_clicked(self) -> None:
+        if self.is_listening:
+            self.stop()
+            return
+        endpoint = self.endpoint_edit.text().strip() or _settings.DEFAULT_ENDPOINT
+        _settings.remember_endpoint(endpoint)
+        self.start(endpoint)
+
+    def _on_bound(self, data: str, control: str) -> None:
+        self.state_label.setText(f"Listening on {data}")
+        self.state_label.setToolTip(f"data: {data}\ncontrol: {control}")
+
+    def _on_failed(self, message: str) -> None:
+        self.show_error(message)
+
+    def _on_finished(self) -> None:
+        listener = self.sender()
+        if listener is self._res.listener:  # it ended on its own (bind failed, shutdown)
+            self._res.stop_listener()
+            self._show_stopped()
+        if self._close_when_stopped:
+            self._close_when_stopped = False
+            QTimer.singleShot(0, self.viewer.close)
+
+    def _on_status(self, status: dict[str, Any]) -> None:
+        self.counts.show_counts(status.get("producers", {}), status.get("totals", {}))
+        if status.get("last_error"):
+            self.show_error(status["last_error"])
+
+    def show_error(self, message: str) -> None:
+        self.error_label.setText(message)
+        self.error_label.setToolTip(message)
+
+    def _on_rendered(self) -> None:
+        now = time.monotonic()
+        if now - self._info_at < INFO_EVERY_S:
+            return
+        self._info_at = now
+        self.refresh_info()
+
+    def refresh_info(self) -> None:
+        """Memory held and the runs to clear (from ``assembler.state()``; a few Hz at most)."""
+        state = self._assembler.state()
+        layers = len(self._res.render.streamed()) if self._res.render else 0
+        self.memory_label.setText(
+            f"{_human_bytes(state['nbytes'])} in {layers} layers"
+        )
+        runs = [str(r) for r in state["runs"]]
+        current = [self.run_combo.itemText(i) for i in range(1, self.run_combo.count())]
+        if runs != current:
+            selected = self.run_combo.currentText()
+            self.run_combo.clear()
+            self.run_combo.addItems([ALL_RUNS, *runs])
+            self.run_combo.setCurrentText(selected)
+
+    def _on_cap_changed(self, gib: float) -> None:
+        self._assembler.max_bytes = int(gib * GIB)
+
+    def _on_mode_changed(self, _text: str) -> None:
+        self._assembler.set_modes({c: combo.currentText() for c, combo in self.mode_combos.items()})
+
+    def _on_clear_run_clicked(self) -> None:
+        run = self.run_combo.currentText()
+        self.clear(None if run == ALL_RUNS else run)
+
+    def clear(self, run: str | None = None) -> None:
+        """Drop one run's layers (None: everything streamed) and apply it at once."""
+        self._assembler.clear(run)
+        if self._res.render is not None:
+            self._res.render.tick()
+        self.refresh_info()
+        if run is None:
+            self.show_error("")
+
+    def _on_clear_requested(self, run: str | None, token: Any) -> None:
+        listener = self.sender()
+        try:
+            self.clear(run)
+            reply: dict[str, Any] = {"ok": True, "run": run}
+        except Exception as exc:  # answer the client whatever happens
+            log.exception("clear %r failed", run)
+            reply = {"ok": False, "error": f"clear failed: {exc}"}
+        if isinstance(listener, ListenerThread):
+            listener.post_reply(token, reply)
+
+    def _on_screenshot_requested(self, path: str, canvas_only: bool, token: Any) -> None:
+        listener = self.sender()
+        try:
+            self.viewer.screenshot(path=path, canvas_only=canvas_only, flash=False)
+            reply: dict[str, Any] = {"ok": True, "path": path}
+        except Exception as exc:  # answer the client whatever happens
+            log.exception("screenshot to %s failed", path)
+            reply = {"ok": False, "error": f"screenshot failed: {exc}"}
+        if isinstance(listener, ListenerThread):
+            listener.post_reply(token, reply)
+
+    def _closes_on_shutdown(self, asked: bool) -> bool:
+        return self.owned or (asked and self.launched)
+
+    def _on_shutdown_requested(self, close: bool) -> None:
+        """The listener stops by itself once its reply is out; then we may close napari."""
+        self._close_when_stopped = self._close_when_stopped or close
+        self.state_label.setText("Shutting down…")
+
+    def _rendered_generation(self) -> int:
+        render = self._res.render
+        return render.rendered_generation if render is not None else 0
+
+    def event(self, e: QEvent | None) -> bool:
+        """Leaving the dock (``remove_dock_widget`` reparents us to None) ends the stream."""
+        if e is not None and e.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._was_docked = True
+            elif self._was_docked:
+                self._res.close()
+                self._show_stopped()
+        return super().event(e)
+
+
+def _disconnect_all(connections: list[tuple[Any, Callable[..., Any]]]) -> None:
+    for signal, slot in reversed(connections):
+        with contextlib.suppress(RuntimeError, TypeError, ValueError):
+            signal.disconnect(slot)
+    connections.clear()
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"

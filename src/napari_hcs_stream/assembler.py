@@ -1,0 +1,724 @@
+"""Route streamed items into preallocated plate stacks, one stack per napari layer.
+
+The listener thread asks :meth:`PlateAssembler.destination` where an item goes and the receiver
+copies the pixels straight there (no intermediate array); :meth:`~PlateAssembler.commit` then
+marks the layer dirty. The main thread's render tick calls :meth:`~PlateAssembler.take_updates`
+and gets one coalesced :class:`LayerUpdate` per changed layer. Nothing here imports Qt or
+napari, so all of it is tested with plain numpy (``docs/assembler.md`` explains the model).
+
+Every layer has the same five leading stack axes, ``("well", "site", "channel", "t", "z")``,
+then the item axes. A component shown as separate layers (``Mode.LAYER``) or absent has size 1.
+Equal leading axes keep layers aligned in napari's shared, right-aligned dims, and a well's
+slider index is global (arrival order), so it is the same in every layer and every run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from .labels import channel_display_name, format_labels
+from .protocol import FrameHeader
+
+__all__ = [
+    "DEFAULT_MODES",
+    "STACK_AXES",
+    "AssemblerFull",
+    "LayerInfo",
+    "LayerUpdate",
+    "Mode",
+    "PlateAssembler",
+    "default_max_bytes",
+]
+
+#: The leading axes of every layer, in this order (t before z: z is the one people scrub).
+STACK_AXES: tuple[str, ...] = ("well", "site", "channel", "t", "z")
+_N = len(STACK_AXES)
+_GIB = 1024**3
+
+
+class Mode(str, Enum):
+    """How a component is shown: a slider axis of one layer, or one layer per value."""
+
+    STACK = "stack"
+    LAYER = "layer"
+
+
+#: Channels become coloured additive layers; everything else a slider.
+DEFAULT_MODES: dict[str, Mode] = {
+    "well": Mode.STACK,
+    "site": Mode.STACK,
+    "channel": Mode.LAYER,
+    "t": Mode.STACK,
+    "z": Mode.STACK,
+}
+
+#: Contrast: percentiles of a strided subsample (about this many pixels) of the first
+#: ``_CONTRAST_FIRST`` frames, then of one frame per ``contrast_interval`` seconds, pooled
+#: over a reservoir of ``_CONTRAST_POOL`` samples so the estimate converges over the plate.
+_CONTRAST_PERCENTILES = (0.5, 99.5)
+_CONTRAST_TARGET = 8192
+_CONTRAST_FIRST = 3
+_CONTRAST_POOL = 16
+#: More dirty steps than this between two updates are reported as ``None`` ("many").
+DIRTY_STEPS_CAP = 256
+
+_CYCLE = ("cyan", "magenta", "yellow", "green", "blue", "red")
+_COLOR_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), colormap)
+    for pattern, colormap in (
+        (r"bright ?field|\bbf\b|phase|\bdic\b|\btrans", "gray"),
+        (r"far[ _-]?red|cy5|cy7|(?<!\d)(633|635|640|642|647|650|660|680|700|750)(?!\d)", "red"),
+        (r"yfp|venus|citrine|yellow", "yellow"),
+        (r"cfp|cerulean|cyan", "cyan"),
+        (r"dapi|hoechst|bfp|blue|(?<!\d)(350|360|405)(?!\d)", "blue"),
+        (r"gfp|fitc|green|(?<!\d)(488|490|495)(?!\d)", "green"),
+        (r"rfp|tritc|cherry|cy3|dsred|tomato|texas|txred|"
+         r"(?<!\d)(543|546|555|561|568|594)(?!\d)", "magenta"),
+        (r"\bred\b", "red"),
+    )
+)
+
+
+class AssemblerFull(ValueError):
+    """Storing this item would take streamed layers past the memory cap.
+
+    A ``ValueError`` so the receiver counts the item as rejected and shows the message;
+    slots that already exist keep working.
+    """
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """What changed in one layer since the previous :meth:`PlateAssembler.take_updates`.
+
+    Apply in list order: ``removed`` (remove the layer named ``name``), else ``new`` (add a
+    layer from ``data`` and the display fields), else ``grew`` (``layer.data = data``: the
+    array object changed, by growth or because the used extent grew; a view, no copy), else
+    refresh the layer (its array was written in place).
+    """
+
+    name: str
+    key: tuple[Any, ...]
+    kind: str
+    data: np.ndarray | None
+    new: bool = False
+    grew: bool = False
+    removed: bool = False
+    axis_labels: tuple[str, ...] = ()
+    rgb: bool = False
+    colormap: str | None = None
+    blending: str = "translucent"
+    #: A new estimate since the last update, else ``None`` (keep the layer's limits).
+    contrast_limits: tuple[float, float] | None = None
+    #: Stack index (one per ``STACK_AXES``) of the most recent committed frame.
+    newest: tuple[int, ...] | None = None
+    #: ``newest`` as of the previous update: follow the newest frame only if the user was there.
+    previous_newest: tuple[int, ...] | None = None
+    #: Stack indices written since the last update; ``None`` means more than ``DIRTY_STEPS_CAP``.
+    dirty_steps: frozenset[tuple[int, ...]] | None = frozenset()
+    frames: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer as the control ``state`` command and the status panel report it."""
+
+    name: str
+    run: str
+    source: str
+    channel: str | int | None
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    frames: int
+    nbytes: int
+
+
+def default_max_bytes() -> int:
+    """Half the physical memory: streamed layers must leave room for napari and the rest."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    return (total if total > 0 else 16 * _GIB) // 2
+
+
+def _parse_modes(modes: Mapping[str, Mode | str], where: str) -> dict[str, Mode]:
+    out: dict[str, Mode] = {}
+    for component, mode in modes.items():
+        if component not in STACK_AXES:
+            raise ValueError(
+                f"{where}: unknown component {component!r} (expected one of "
+                f"{', '.join(STACK_AXES)})"
+            )
+        try:
+            out[component] = Mode(mode.lower() if isinstance(mode, str) else mode)
+        except ValueError:
+            raise ValueError(
+                f"{where}: the mode for {component!r} must be 'stack' or 'layer', got {mode!r}"
+            ) from None
+    return out
+
+
+def _item_axes(ndim: int, rgb: bool) -> tuple[str, ...]:
+    spatial = ndim - 1 if rgb else ndim
+    extra = tuple(f"item{i}" for i in range(max(0, spatial - 3)))
+    return extra + ("plane", "y", "x")[3 - min(spatial, 3):]
+
+
+def _gib(nbytes: int) -> str:
+    if nbytes >= _GIB // 10:
+        return f"{nbytes / _GIB:.3g} GiB"
+    return f"{nbytes / 1024**2:.3g} MiB"
+
+
+@dataclass
+class _Group:
+    """One ``(run, source)``: its modes are fixed when it first appears."""
+
+    run: str
+    source: str
+    layer_mask: tuple[bool, ...]
+    channel_names: dict[str, str] = field(default_factory=dict)
+    colormaps: dict[str, str] = field(default_factory=dict)
+    cycle: int = 0
+    first_signature: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+
+    def merge_meta(self, meta: Mapping[str, Any]) -> None:
+        names = meta.get("channel_names")
+        if isinstance(names, Mapping):
+            self.channel_names.update({str(k): str(v) for k, v in names.items()})
+        elif isinstance(names, (list, tuple)):
+            self.channel_names.update({str(i): str(v) for i, v in enumerate(names)})
+        colormaps = meta.get("colormaps")
+        if isinstance(colormaps, Mapping):
+            self.colormaps.update({str(k): v for k, v in colormaps.items() if isinstance(v, str)})
+
+    def channel_name(self, channel: str | int | None) -> str:
+        return channel_display_name(channel, {"channel_names": self.channel_names})
+
+    def colormap_for(self, channel: str | int) -> str:
+        name = self.channel_name(channel)
+        for key in (str(channel), name):
+            if key in self.colormaps:
+                return self.colormaps[key]
+        lowered = name.lower()
+        for pattern, colormap in _COLOR_RULES:
+            if pattern.search(lowered):
+                return colormap
+        self.cycle += 1
+        return _CYCLE[(self.cycle - 1) % len(_CYCLE)]
+
+
+class _Layer:
+    """A stack and its bookkeeping; mutated under the assembler's lock only."""
+
+    def __init__(self, key: tuple[Any, ...], name: str, group: _Group, header: FrameHeader,
+                 layer_values: tuple[Any, ...], stack: np.ndarray) -> None:
+        self.key = key
+        self.name = name
+        self.group = group
+        self.kind = header.kind
+        self.rgb = header.rgb
+        self.layer_values = layer_values
+        self.stack = stack
+        self.item_shape: tuple[int, ...] = stack.shape[_N:]
+        self.used = [0] * _N
+        self.slots: set[tuple[int, ...]] = set()  # stack indices handed out, for growth copies
+        self.has: set[str] = set()
+        self.frames = 0
+        self.newest: tuple[int, ...] | None = None
+        self.dirty_steps: set[tuple[int, ...]] | None = set()
+        self.view: np.ndarray | None = None
+        self.announced = False
+        self.announced_view: np.ndarray | None = None
+        self.announced_newest: tuple[int, ...] | None = None
+        self.contrast: tuple[float, float] | None = None
+        self.contrast_pending: tuple[float, float] | None = None
+        self.contrast_time = -math.inf
+        self.samples: list[np.ndarray] = []
+        self.sampled = 0
+        self.rng = random.Random(0)  # reservoir choice: deterministic, so runs repeat
+        channel = self.channel
+        channel_layer = header.kind == "image" and not header.rgb and channel is not None
+        self.colormap: str | None = None
+        if header.kind == "image" and not header.rgb:
+            self.colormap = "gray" if channel is None else group.colormap_for(channel)
+        self.blending = "additive" if channel_layer else "translucent"
+        self.axis_labels = STACK_AXES + _item_axes(len(header.shape), header.rgb)
+
+    @property
+    def channel(self) -> str | int | None:
+        """The layer's own channel when channels are separate layers, else ``None``."""
+        pos = STACK_AXES.index("channel")
+        if not self.group.layer_mask[pos]:
+            return None
+        return self.layer_values[sum(self.group.layer_mask[:pos])]
+
+    def trimmed(self) -> np.ndarray:
+        """The stack cut to the used extent, so sliders never show unused capacity."""
+        if self.view is None:
+            self.view = self.stack[tuple(slice(0, max(u, 1)) for u in self.used)]
+        return self.view
+
+
+def _subsample(region: np.ndarray) -> np.ndarray:
+    """A strided copy of about ``_CONTRAST_TARGET`` pixels, finite, ready for percentiles."""
+    step = max(1, math.ceil((region.size / _CONTRAST_TARGET) ** (1 / max(region.ndim, 1))))
+    sample = np.array(region[(slice(None, None, step),) * region.ndim]).ravel()
+    if sample.dtype == np.bool_:
+        return sample.astype(np.uint8)
+    if sample.dtype.kind == "f":
+        return sample[np.isfinite(sample)]
+    return sample
+
+
+def _percentiles(samples: list[np.ndarray]) -> tuple[float, float] | None:
+    pool = np.concatenate(samples) if len(samples) > 1 else samples[0]
+    if pool.size == 0:
+        return None
+    lo, hi = (float(v) for v in np.percentile(pool, _CONTRAST_PERCENTILES))
+    return (lo, hi if hi > lo else lo + 1.0)  # napari needs lo < hi
+
+
+class PlateAssembler:
+    """Plate stacks for streamed items; the listener thread writes, the main thread reads.
+
+    ``modes`` overrides :data:`DEFAULT_MODES` per component; a producer's ``meta["modes"]``
+    overrides both for its ``(run, source)`` when that group first appears. ``max_bytes`` caps
+    the stacks' allocated size (default :func:`default_max_bytes`). ``clock`` and
+    ``contrast_interval`` set the contrast refinement throttle (injectable for tests).
+    """
+
+    def __init__(self, modes: Mapping[str, Mode | str] | None = None,
+                 max_bytes: int | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 contrast_interval: float = 1.0) -> None:
+        self._modes = {**DEFAULT_MODES, **_parse_modes(modes or {}, "modes")}
+        self._max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
+        self._clock = clock
+        self._contrast_interval = contrast_interval
+        # _lock guards all shared state and is held only briefly; _write_lock serialises the
+        # writers so a growth can copy a large stack without holding _lock (the main thread
+        # never waits for a copy).
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        #: Stack allocations so far (creations and growths): O(log n) in the plate size.
+        self.allocations = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._index: dict[str, dict[Any, int]] = {c: {} for c in STACK_AXES}
+        self._values: dict[str, list[Any]] = {c: [] for c in STACK_AXES}
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._layers: dict[tuple[Any, ...], _Layer] = {}
+        self._by_name: dict[str, _Layer] = {}
+        self._dirty: dict[tuple[Any, ...], _Layer] = {}
+        self._removed: list[LayerUpdate] = []
+        self._plates: dict[str, Any] = {}
+        self._nbytes = 0
+        self._generation = getattr(self, "_generation", 0) + 1
+
+    # -- configuration (main thread) ------------------------------------------------------
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        """Raise or lower the cap; it applies to the next allocation (nothing is freed)."""
+        with self._lock:
+            self._max_bytes = int(value)
+
+    @property
+    def modes(self) -> dict[str, Mode]:
+        return dict(self._modes)
+
+    def set_modes(self, modes: Mapping[str, Mode | str]) -> None:
+        """Change the default modes for groups that appear from now on (or after a clear)."""
+        parsed = _parse_modes(modes, "modes")
+        with self._lock:
+            self._modes = {**self._modes, **parsed}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by all stacks (address space; untouched pages hold no memory)."""
+        return self._nbytes
+
+    # -- listener thread ------------------------------------------------------------------
+
+    def _group(self, header: FrameHeader, create: bool) -> _Group | None:
+        group = self._groups.get((header.run, header.source))
+        if group is None and create:
+            modes = dict(self._modes)
+            meta_modes = header.meta.get("modes")
+            if meta_modes is not None:
+                if not isinstance(meta_modes, Mapping):
+                    raise ValueError("meta['modes'] must be an object like {'channel': 'stack'}")
+                modes.update(_parse_modes(meta_modes, "meta['modes']"))
+            group = _Group(header.run, header.source,
+                           tuple(modes[c] is Mode.LAYER for c in STACK_AXES))
+            self._groups[(header.run, header.source)] = group
+        return group
+
+    def _route(self, header: FrameHeader, create: bool
+               ) -> tuple[_Group, tuple[Any, ...], list[int], list[tuple[str, Any]]] | None:
+        """Group, layer key, stack index and not-yet-registered values of an item."""
+        group = self._group(header, create)
+        if group is None:
+            return None
+        if create and header.meta:
+            group.merge_meta(header.meta)
+            plate = header.meta.get("plate")
+            if plate is not None and header.run not in self._plates:
+                self._plates[header.run] = plate  # informational: shown by `state`
+        coords = header.coords
+        idx = [0] * _N
+        layer_values = []
+        fresh: list[tuple[str, Any]] = []
+        for pos, component in enumerate(STACK_AXES):
+            value = getattr(coords, component)
+            if group.layer_mask[pos]:
+                layer_values.append(value)
+            elif value is not None:
+                index = self._index[component].get(value)
+                if index is None:
+                    if not create:
+                        return None
+                    index = len(self._values[component])
+                    fresh.append((component, value))
+                idx[pos] = index
+        shape = header.shape
+        signature = (len(shape), header.rgb, header.dtype, shape[-1] if header.rgb else 0)
+        key = (header.run, header.source, header.kind, tuple(layer_values), signature)
+        return group, key, idx, fresh
+
+    def _grown_shape(self, layer: _Layer | None, idx: list[int], header: FrameHeader
+                     ) -> tuple[int, ...]:
+        """Capacity after growth: x2 along axes that need it, less if that breaks the cap."""
+        old = layer.stack.shape if layer is not None else (0,) * (_N + len(header.shape))
+        stack = [max(i + 1, c if i < c else 2 * c) for i, c in zip(idx, old[:_N], strict=True)]
+        item = [max(a, b) for a, b in zip(old[_N:], header.shape, strict=True)]
+        itemsize = np.dtype(header.dtype).itemsize
+        held = self._nbytes - (layer.stack.nbytes if layer is not None else 0)
+        budget = self._max_bytes - held
+        if math.prod(stack) * math.prod(item) * itemsize > budget:
+            exact = [max(i + 1, c) for i, c in zip(idx, old[:_N], strict=True)]
+            grown = [p for p in range(_N) if exact[p] > old[p]]
+            unit = math.prod(item) * itemsize
+            need = math.prod(exact) * unit
+            if need > budget:
+                raise AssemblerFull(
+                    f"memory cap of {_gib(self._max_bytes)} reached by streamed layers "
+                    f"({_gib(held)} held, this layer needs {_gib(need)}); clear a run or "
+                    "raise the cap in the widget"
+                )
+            if len(grown) == 1:  # as much headroom as fits, so growth stays rare near the cap
+                p = grown[0]
+                per_index = need // exact[p]
+                exact[p] = min(stack[p], budget // per_index)
+            stack = exact
+        return tuple(stack + item)
+
+    def destination(self, header: FrameHeader) -> np.ndarray:
+        """A writable view of exactly ``header.shape`` where the receiver copies the pixels.
+
+        O(1) amortised: dict lookups and a view, plus a geometric growth now and then.
+        Raises :class:`AssemblerFull` past the memory cap, ``ValueError`` for bad meta modes.
+        """
+        with self._write_lock:
+            while True:
+                with self._lock:
+                    route = self._route(header, create=True)
+                    assert route is not None
+                    group, key, idx, fresh = route
+                    layer = self._layers.get(key)
+                    coords = header.coords
+                    if layer is not None and self._fits(layer, idx, header.shape):
+                        for component, value in fresh:
+                            self._index[component][value] = len(self._values[component])
+                            self._values[component].append(value)
+                        for pos, component in enumerate(STACK_AXES):
+                            if idx[pos] >= layer.used[pos]:
+                                layer.used[pos] = idx[pos] + 1
+                                layer.view = None
+                            if not group.layer_mask[pos] and coords.get(component) is not None:
+                                layer.has.add(component)
+                        slot_index = tuple(idx)
+                        layer.slots.add(slot_index)
+                        slot = layer.stack[slot_index]
+                        break
+                    new_shape = self._grown_shape(layer, idx, header)
+                    old = layer.stack if layer is not None else None
+                    slots = list(layer.slots) if layer is not None else []
+                    dense = layer is not None and len(slots) == math.prod(layer.used)
+                    used = tuple(slice(0, u) for u in layer.used) if layer is not None else ()
+                    generation = self._generation
+                stack = np.zeros(new_shape, dtype=header.dtype)  # lazy pages: no RSS until written
+                if old is not None:
+                    # Copy only slots that were handed out: copying blank ones would touch (and
+                    # so commit) pages of the new stack that nothing ever wrote.
+                    item = tuple(slice(0, n) for n in old.shape[_N:])
+                    if dense:
+                        stack[used + item] = old[used]
+                    else:
+                        for slot_index in slots:
+                            stack[slot_index + item] = old[slot_index]
+                with self._lock:
+                    if generation != self._generation or self._layers.get(key) is not layer:
+                        continue  # cleared meanwhile: route again
+                    if layer is None:
+                        self._add_layer(key, group, header, stack)
+                    else:
+                        self._nbytes -= layer.stack.nbytes
+                        layer.stack, layer.item_shape, layer.view = stack, stack.shape[_N:], None
+                    self._nbytes += stack.nbytes
+                    self.allocations += 1
+            region = tuple(slice(0, n) for n in header.shape)
+            if slot.shape != header.shape:
+                slot[...] = 0  # a smaller item: never show an earlier, larger one around it
+            return slot[region]
+
+    @staticmethod
+    def _fits(layer: _Layer, idx: list[int], shape: tuple[int, ...]) -> bool:
+        cap = layer.stack.shape
+        return all(i < c for i, c in zip(idx, cap[:_N], strict=True)) and all(
+            n <= c for n, c in zip(shape, layer.item_shape, strict=True)
+        )
+
+    def _add_layer(self, key: tuple[Any, ...], group: _Group, header: FrameHeader,
+                   stack: np.ndarray) -> None:
+        layer_values = key[3]
+        words = [header.source]
+        for component, value in zip(
+            (c for c, m in zip(STACK_AXES, group.layer_mask, strict=True) if m),
+            layer_values,
+            strict=True,
+        ):
+            if value is None:
+                continue
+            if component == "channel":
+                words.append(group.channel_name(value))
+            elif component == "well":
+                words.append(str(value))
+            else:
+                words.append(f"{component} {value}")
+        base_key = key[:4]
+        first = group.first_signature.setdefault(base_key, key[4])
+        if key[4] != first:  # a different dtype/ndim/rgb than the group's first layer
+            ndim, rgb, dtype, colours = key[4]
+            shape_word = ("rgba" if colours == 4 else "rgb") if rgb else f"{ndim}-D"
+            words.append(f"({dtype} {shape_word})" if rgb or ndim != 2 else f"({dtype})")
+        run = f" [{header.run}]" if header.run else ""
+        candidates = [words, [*words, "labels"]] if header.kind == "labels" else [words]
+        names = (" ".join(w) + run for w in candidates)
+        numbered = (" ".join(words) + f" #{n}" + run for n in itertools.count(2))
+        name = next(n for n in itertools.chain(names, numbered) if n not in self._by_name)
+        layer = _Layer(key, name, group, header, layer_values, stack)
+        self._layers[key] = layer
+        self._by_name[name] = layer
+
+    def _locate(self, header: FrameHeader) -> tuple[_Layer, tuple[int, ...]] | None:
+        route = self._route(header, create=False)
+        if route is None:
+            return None
+        layer = self._layers.get(route[1])
+        return None if layer is None else (layer, tuple(route[2]))
+
+    def commit(self, header: FrameHeader, array: np.ndarray) -> None:
+        """The item's pixels are in place: count it, mark it dirty, feed the contrast.
+
+        ``array`` is normally the view :meth:`destination` returned; any other array (the
+        receiver allocated it, or the stack grew meanwhile) is copied into place first.
+        An item whose layer was cleared meanwhile is ignored.
+        """
+        with self._write_lock:
+            with self._lock:
+                found = self._locate(header)
+                if found is None:
+                    return
+                layer, idx = found
+                region = layer.stack[idx + tuple(slice(0, n) for n in header.shape)]
+                now = self._clock()
+                sample_due = layer.kind == "image" and not layer.rgb and (
+                    layer.sampled < _CONTRAST_FIRST
+                    or now - layer.contrast_time >= self._contrast_interval
+                )
+                if sample_due:
+                    layer.contrast_time = now
+            if array.base is not layer.stack:
+                region[...] = array
+            # Estimate before marking dirty, so a new layer's first update carries its limits.
+            limits = self._refine_contrast(layer, region) if sample_due else None
+            with self._lock:
+                if self._layers.get(layer.key) is not layer:
+                    return
+                layer.frames += 1
+                layer.newest = idx
+                if limits is not None and limits != layer.contrast:
+                    layer.contrast = layer.contrast_pending = limits
+                self._mark_dirty(layer, idx)
+
+    @staticmethod
+    def _refine_contrast(layer: _Layer, region: np.ndarray) -> tuple[float, float] | None:
+        """Pool a subsample into the layer's reservoir and re-estimate. Runs outside
+        ``_lock``: only writers touch the reservoir, and ``_write_lock`` serialises them."""
+        sample = _subsample(region)
+        layer.sampled += 1
+        if len(layer.samples) < _CONTRAST_POOL:
+            layer.samples.append(sample)
+        else:
+            j = layer.rng.randrange(layer.sampled)
+            if j < _CONTRAST_POOL:
+                layer.samples[j] = sample
+        return _percentiles(layer.samples)
+
+    def discard(self, header: FrameHeader, array: np.ndarray) -> None:
+        """A torn copy: blank the item's slot (never show garbage); not counted as a frame."""
+        with self._write_lock:
+            with self._lock:
+                found = self._locate(header)
+                if found is None:
+                    return
+                layer, idx = found
+                slot = layer.stack[idx]
+            slot[...] = 0
+            with self._lock:
+                if self._layers.get(layer.key) is layer:
+                    self._mark_dirty(layer, idx)
+
+    def _mark_dirty(self, layer: _Layer, idx: tuple[int, ...]) -> None:
+        steps = layer.dirty_steps
+        if steps is not None:
+            steps.add(idx)
+            if len(steps) > DIRTY_STEPS_CAP:
+                layer.dirty_steps = None
+        self._dirty[layer.key] = layer
+
+    # -- main thread ----------------------------------------------------------------------
+
+    def take_updates(self) -> list[LayerUpdate]:
+        """One update per layer changed since the last call, removals first. Cheap: no copies."""
+        with self._lock:
+            updates, self._removed = self._removed, []
+            dirty, self._dirty = self._dirty, {}
+            for layer in dirty.values():
+                if layer.frames == 0:
+                    continue  # nothing to show yet; the first commit marks it dirty again
+                data = layer.trimmed()
+                new = not layer.announced
+                steps = layer.dirty_steps
+                updates.append(LayerUpdate(
+                    name=layer.name, key=layer.key, kind=layer.kind, data=data, new=new,
+                    grew=not new and data is not layer.announced_view,
+                    axis_labels=layer.axis_labels, rgb=layer.rgb, colormap=layer.colormap,
+                    blending=layer.blending, contrast_limits=layer.contrast_pending,
+                    newest=layer.newest, previous_newest=layer.announced_newest,
+                    dirty_steps=None if steps is None else frozenset(steps),
+                    frames=layer.frames, metadata=self._metadata(layer),
+                ))
+                layer.announced, layer.announced_view = True, data
+                layer.announced_newest, layer.contrast_pending = layer.newest, None
+                layer.dirty_steps = set()
+            return updates
+
+    @staticmethod
+    def _metadata(layer: _Layer) -> dict[str, Any]:
+        return {"run": layer.group.run, "source": layer.group.source,
+                "channel": layer.channel, "kind": layer.kind}
+
+    def layers(self) -> list[LayerInfo]:
+        """Every layer held now, in creation order."""
+        with self._lock:
+            return [
+                LayerInfo(name=layer.name, run=layer.group.run, source=layer.group.source,
+                          channel=layer.channel, kind=layer.kind,
+                          shape=tuple(layer.trimmed().shape), dtype=str(layer.stack.dtype),
+                          frames=layer.frames, nbytes=layer.stack.nbytes)
+                for layer in self._layers.values()
+            ]
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able summary for the control ``state`` command."""
+        infos = self.layers()
+        with self._lock:
+            runs = list(dict.fromkeys(group.run for group in self._groups.values()))
+            plates = dict(self._plates)
+            nbytes, cap = self._nbytes, self._max_bytes
+        layers = [{**asdict(info), "shape": list(info.shape)} for info in infos]
+        return {"layers": layers, "frames": sum(i.frames for i in infos), "nbytes": nbytes,
+                "max_bytes": cap, "runs": runs, "plates": plates}
+
+    def clear(self, run: str | None = None) -> int:
+        """Drop one run's layers (or all, and the index maps); returns how many were dropped.
+
+        Announced layers get a ``removed`` update. Memory is freed once napari lets go of
+        the arrays too.
+        """
+        with self._lock:
+            victims = [lay for lay in self._layers.values() if run is None or lay.group.run == run]
+            for layer in victims:
+                if layer.announced:
+                    self._removed.append(LayerUpdate(
+                        name=layer.name, key=layer.key, kind=layer.kind, data=None,
+                        removed=True, metadata=self._metadata(layer)))
+            if run is None:
+                removed = self._removed
+                self._reset()
+                self._removed = removed
+                return len(victims)
+            for layer in victims:
+                del self._layers[layer.key]
+                del self._by_name[layer.name]
+                self._dirty.pop(layer.key, None)
+                self._nbytes -= layer.stack.nbytes
+            for group_key in [k for k in self._groups if k[0] == run]:
+                del self._groups[group_key]
+            self._plates.pop(run, None)
+            self._generation += 1
+            return len(victims)
+
+    def label_text(self, layer_name: str, stack_step: tuple[int, ...]) -> str:
+        """Overlay text for a layer at the given stack indices: ``Well B03 | Site 2 | DAPI``.
+
+        ``stack_step`` holds the layer's own indices for ``STACK_AXES`` (longer tuples are
+        cut). Site, z and t appear only when the layer has them (z and t: more than one);
+        an index past the known values leaves that component out. ``""`` for unknown layers.
+        """
+        with self._lock:
+            layer = self._by_name.get(layer_name)
+            if layer is None:
+                return ""
+            group = layer.group
+            own = iter(layer.layer_values)
+            pairs: list[tuple[str, object]] = []
+            for pos, component in enumerate(STACK_AXES):
+                if group.layer_mask[pos]:
+                    value = next(own)
+                else:
+                    if component not in layer.has or pos >= len(stack_step):
+                        continue
+                    if component in ("z", "t") and layer.used[pos] < 2:
+                        continue
+                    i = int(stack_step[pos])
+                    values = self._values[component]
+                    if not 0 <= i < len(values):
+                        continue
+                    value = values[i]
+                if component == "channel" and value is not None:
+                    value = group.channel_name(value)
+                pairs.append((component, value))
+        return format_labels(pairs)

@@ -1,0 +1,381 @@
+"""The viewer's end of the data stream: bind SUB, decode, validate, copy into place.
+
+Pixels are copied exactly once, straight into the array the ``destination`` callback returns
+(a slice of a preallocated stack), from the producer's shared-memory slot or from the message
+frame. A bad message is counted, logged and reported through ``on_error``; it never stops the
+receiver and never touches earlier data.
+
+Threading: create, :meth:`Receiver.bind`, :meth:`Receiver.poll` and :meth:`Receiver.close` in
+one thread (ZeroMQ sockets are not thread-safe). Each receiver owns a ZeroMQ context unless
+one is passed in, so closing it never waits on anybody else's sockets. :attr:`Receiver.stats`
+may be read from any thread (use :meth:`ReceiverStats.as_dict` for a consistent copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import zmq
+
+from .endpoints import (
+    Endpoint,
+    endpoint_to_bind,
+    ipc_inode,
+    prepare_ipc_bind,
+    register_endpoint,
+    remove_ipc_file,
+    unregister_endpoint,
+)
+from .protocol import (
+    DEFAULT_LIMITS,
+    Bye,
+    FrameHeader,
+    Limits,
+    ProtocolError,
+    ShmRef,
+    decode_message,
+)
+from .ring import RingReader, TornRead, sweep_stale_segments
+
+log = logging.getLogger("napari_hcs_stream")
+
+#: the producer bucket for messages too broken to say who sent them.
+UNKNOWN = "unknown"
+#: producers counted one by one; beyond this, newcomers share the ``unknown`` bucket
+MAX_PRODUCERS = 4096
+#: parts of one message kept (the header and a pixel frame; more are read and dropped)
+MAX_PARTS = 8
+_RCVMORE, _EVENTS, _POLLIN = zmq.RCVMORE, zmq.EVENTS, int(zmq.POLLIN)  # enum members: fastest
+
+Destination = Callable[[FrameHeader], "np.ndarray | None"]
+FrameCallback = Callable[[FrameHeader, np.ndarray], Any]
+
+
+@dataclass
+class ProducerStats:
+    """What one producer sent; ``dropped`` counts sequence numbers that never arrived."""
+
+    received: int = 0
+    dropped: int = 0
+    torn: int = 0
+    rejected: int = 0
+    bytes: int = 0
+    last_seq: int = -1
+    last_error: str = ""
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    closed: bool = False
+
+
+@dataclass
+class ReceiverStats:
+    """Totals over every producer, and each producer's own counts."""
+
+    received: int = 0
+    dropped: int = 0
+    torn: int = 0
+    rejected: int = 0
+    bytes: int = 0
+    last_error: str = ""
+    producers: dict[str, ProducerStats] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        producers = list(self.producers.items())  # atomic under the GIL
+        return {"received": self.received, "dropped": self.dropped, "torn": self.torn,
+                "rejected": self.rejected, "bytes": self.bytes, "last_error": self.last_error,
+                "producers": {name: asdict(p) for name, p in producers}}
+
+
+class Receiver:
+    """Binds the data address and turns messages into arrays in their final place."""
+
+    def __init__(
+        self,
+        endpoint: str | Endpoint = "default",
+        *,
+        destination: Destination | None = None,
+        on_frame: FrameCallback | None = None,
+        on_torn: FrameCallback | None = None,
+        on_error: Callable[[str], Any] | None = None,
+        limits: Limits | None = DEFAULT_LIMITS,
+        register: bool = True,
+        rcvhwm: int = 10000,
+        batch: int = 256,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.endpoint_spec = endpoint
+        self.endpoint: Endpoint | None = None
+        self.destination = destination
+        self.on_frame = on_frame
+        self.on_torn = on_torn
+        self.on_error = on_error
+        self.limits = limits or DEFAULT_LIMITS
+        self.register = register
+        self.rcvhwm = rcvhwm
+        self.batch = batch
+        self.stats = ReceiverStats()
+        self.socket: zmq.Socket | None = None
+        self._context = context
+        self._own_context = context is None
+        self._reader = RingReader()
+        self._segments: dict[str, set[str]] = {}
+        self._registered = False
+        self._inode: int | None = None
+        self._dtypes: dict[str, tuple[np.dtype, np.dtype]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def bind(self, control_address: str | None = None) -> Endpoint:
+        """Bind in the calling thread; ``control_address``: the bound control server's address.
+
+        Returns the endpoint with real addresses (an OS-chosen TCP port filled in), which is
+        also written to the discovery file when ``register`` is set.
+        """
+        want = endpoint_to_bind(self.endpoint_spec)
+        prepare_ipc_bind(want.data)
+        ctx = self._context = self._context or zmq.Context()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            sock.bind(want.data)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {want.data}: {exc}") from None
+        self.socket = sock
+        data = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._inode = ipc_inode(data)
+        self.endpoint = Endpoint(want.name, data, control_address or want.control)
+        if not data.startswith(("tcp://127.", "tcp://[::1]", "ipc://", "inproc://")):
+            log.warning("listening on %s: any host that reaches it can send frames "
+                        "(no authentication yet)", data)
+        swept = sweep_stale_segments()
+        if swept:
+            log.info("removed shared memory left by dead producers: %s", ", ".join(swept))
+        if self.register and "://" not in want.name:
+            register_endpoint(self.endpoint)
+            self._registered = True
+        return self.endpoint
+
+    def close(self) -> None:
+        """Close the socket, release every mapping, remove our discovery file; idempotent."""
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+            if self.endpoint is not None:
+                remove_ipc_file(self.endpoint.data, self._inode)
+        self._reader.close()
+        self._segments.clear()
+        if self._registered and self.endpoint is not None:
+            unregister_endpoint(self.endpoint.name)
+            self._registered = False
+        if self._own_context and self._context is not None:
+            self._context.term()
+            self._context = None
+
+    def __enter__(self) -> Receiver:
+        self.bind()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- receiving ----------------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Wait up to ``timeout_ms`` for a message, then handle all waiting (up to ``batch``).
+
+        With ``timeout_ms=0`` (the socket is already known readable, e.g. from a Poller) it
+        goes straight to receiving.
+        """
+        sock = self.socket
+        assert sock is not None, "bind() first"
+        if timeout_ms and not sock.poll(timeout_ms):
+            return 0
+        recv, option = sock.recv, sock.getsockopt
+        n = 0
+        # ask ZMQ_EVENTS before each receive: cheaper than letting it fail with zmq.Again
+        while n < self.batch and cast(int, option(_EVENTS)) & _POLLIN:
+            head = recv(zmq.NOBLOCK)  # the small header: a plain copy is cheapest
+            frames: list[Any] = [head]
+            while option(_RCVMORE):  # the rest of a message is there already
+                part = recv(0, copy=False)  # pixels: no second copy
+                if len(frames) < MAX_PARTS:
+                    frames.append(part)
+            self.handle(frames)
+            n += 1
+        return n
+
+    def handle(self, frames: list[zmq.Frame] | list[bytes]) -> bool:
+        """One message; True when a frame was copied into place (or a Bye was taken)."""
+        head = frames[0]
+        raw = head.bytes if isinstance(head, zmq.Frame) else head
+        try:
+            msg = decode_message(raw, self.limits, len(frames))
+        except ProtocolError as exc:
+            self._reject(exc.producer or UNKNOWN, str(exc), exc.seq)
+            return False
+        if isinstance(msg, Bye):
+            self._bye(msg)
+            return True
+        return self._frame(msg, frames)
+
+    def _producer(self, name: str) -> ProducerStats:
+        producers = self.stats.producers
+        ps = producers.get(name)
+        now = time.time()
+        if ps is None and len(producers) >= MAX_PRODUCERS:  # a flood of made-up names
+            ps = producers.get(UNKNOWN)
+        if ps is None:
+            ps = producers[name if len(producers) < MAX_PRODUCERS else UNKNOWN] = ProducerStats(
+                first_seen=now)
+        ps.last_seen = now
+        return ps
+
+    def _advance(self, ps: ProducerStats, seq: int) -> None:
+        gap = seq - ps.last_seq - 1
+        if gap > 0:
+            ps.dropped += gap
+            self.stats.dropped += gap
+        ps.last_seq = seq  # an older seq means the producer restarted: count from there
+
+    def _frame(self, h: FrameHeader, frames: list[zmq.Frame] | list[bytes]) -> bool:
+        # the per-frame path: plain locals, no helper calls unless something is wrong
+        stats = self.stats
+        producer = h.producer
+        ps = stats.producers.get(producer)
+        if ps is None:
+            ps = self._producer(producer)
+        else:
+            ps.last_seen = time.time()
+        seq = h.seq
+        if seq != ps.last_seq + 1:
+            self._advance(ps, seq)
+        else:
+            ps.last_seq = seq
+        dtypes = self._dtypes.get(h.dtype)
+        if dtypes is None:
+            native = np.dtype(h.dtype)
+            dtypes = self._dtypes[h.dtype] = (native, native.newbyteorder("<"))
+        shape = h.shape
+        destination = self.destination
+        try:
+            dest = destination(h) if destination is not None else None
+        except Exception as exc:
+            return self._reject(producer, f"destination failed: {type(exc).__name__}: {exc}",
+                                seq, ps)
+        if dest is None:
+            dest = np.empty(shape, dtypes[0])
+        elif not (type(dest) is np.ndarray and dest.shape == shape
+                  and dest.dtype == dtypes[0] and dest.flags.writeable):
+            return self._reject(producer, f"destination for {h.source} is not a writable "
+                                f"{h.dtype} array of shape {shape}: got {_describe(dest)}",
+                                seq, ps)
+        pixels = h.pixels
+        nbytes = dest.nbytes
+        try:
+            if isinstance(pixels, ShmRef):
+                self._reader.copy_into(pixels, dest, dtypes[1])
+                segs = self._segments.get(producer)
+                if segs is None or pixels.segment not in segs:
+                    self._new_segment(producer, pixels.segment)
+            else:
+                frame = frames[pixels.index]
+                buf = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+                if buf.nbytes != nbytes:
+                    raise ProtocolError(f"frame {pixels.index} holds {buf.nbytes} bytes but "
+                                        f"dtype {h.dtype} and shape {list(shape)} need "
+                                        f"{nbytes}")
+                np.copyto(dest, np.frombuffer(buf, dtypes[1]).reshape(shape))
+        except TornRead as exc:
+            ps.torn += 1
+            stats.torn += 1
+            log.debug("torn frame %s #%d: %s", producer, seq, exc)
+            if self.on_torn is not None:
+                self._call(self.on_torn, h, dest, ps)
+            return False
+        except (ProtocolError, ValueError) as exc:
+            return self._reject(producer, str(exc), seq, ps)
+        ps.received += 1
+        ps.bytes += nbytes
+        stats.received += 1
+        stats.bytes += nbytes
+        on_frame = self.on_frame
+        if on_frame is not None:
+            try:
+                on_frame(h, dest)
+            except Exception as exc:
+                return self._callback_failed(on_frame, h, exc, ps)
+        return True
+
+    def _new_segment(self, producer: str, segment: str) -> None:
+        """A producer only replaces its ring once nothing is in flight: drop the old ones."""
+        for old in self._segments.get(producer, ()):
+            self._reader.release(old)
+        self._segments[producer] = {segment}
+
+    def _call(self, callback: FrameCallback, h: FrameHeader, array: np.ndarray,
+              ps: ProducerStats) -> bool:
+        try:
+            callback(h, array)
+        except Exception as exc:
+            return self._callback_failed(callback, h, exc, ps)
+        return True
+
+    def _callback_failed(self, callback: FrameCallback, h: FrameHeader, exc: Exception,
+                         ps: ProducerStats) -> bool:
+        name = getattr(callback, "__name__", "callback")
+        return self._reject(h.producer, f"{name} failed: {type(exc).__name__}: {exc}", None, ps)
+
+    def _bye(self, bye: Bye) -> None:
+        ps = self._producer(bye.producer)
+        if bye.seq > ps.last_seq:
+            self._advance(ps, bye.seq)
+        ps.closed = True
+        for name in self._segments.pop(bye.producer, ()):
+            self._reader.release(name)
+
+    def _reject(self, producer: str, reason: str, seq: int | None,
+                ps: ProducerStats | None = None) -> bool:
+        if ps is None:
+            ps = self._producer(producer)
+            if seq is not None:
+                self._advance(ps, seq)
+        ps.rejected += 1
+        self.stats.rejected += 1
+        ps.last_error = self.stats.last_error = reason
+        log.warning("rejected a message from %s: %s", producer, reason)
+        if self.on_error is not None:
+            try:
+                self.on_error(reason)
+            except Exception:
+                log.exception("on_error failed")
+        return False
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def segments(self) -> list[str]:
+        """Producers' shared-memory segments this receiver has mapped right now."""
+        return self._reader.names
+
+    def reached(self, until: Mapping[str, int]) -> bool:
+        """Has every producer's stream reached ``seq`` (received, rejected or known dropped)?"""
+        producers = self.stats.producers
+        return all((p := producers.get(name)) is not None and p.last_seq >= seq
+                   for name, seq in until.items())
+
+    def last_seqs(self, names: Mapping[str, int] | None = None) -> dict[str, int]:
+        producers = self.stats.producers
+        keys = list(producers) if names is None else list(names)
+        return {k: producers[k].last_seq if k in producers else -1 for k in keys}
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, np.ndarray):
+        ro = "" if obj.flags.writeable else "read-only "
+        return f"{ro}{obj.dtype} array of shape {obj.shape}"
+    return type(obj).__name__

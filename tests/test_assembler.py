@@ -1,0 +1,570 @@
+"""The plate assembler, with plain numpy: routing, growth, modes, memory cap, updates, labels."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from napari_hcs_stream.assembler import (
+    DEFAULT_MODES,
+    DIRTY_STEPS_CAP,
+    STACK_AXES,
+    AssemblerFull,
+    LayerUpdate,
+    Mode,
+    PlateAssembler,
+    default_max_bytes,
+)
+from napari_hcs_stream.labels import well_name
+from napari_hcs_stream.protocol import Coords, FrameHeader, FrameRef
+
+WELL, SITE, CHANNEL, T, Z = range(5)
+NAMES = {"channel_names": {"0": "DAPI", "1": "GFP", "2": "Cy5"}}
+
+
+def item(well: str | None = None, site: int | None = None, channel: str | int | None = None,
+         z: int | None = None, t: int | None = None, *, run: str = "r1", source: str = "out",
+         kind: str = "image", dtype: str = "uint16", shape: tuple[int, ...] = (4, 4),
+         rgb: bool = False, meta: dict | None = None) -> FrameHeader:
+    return FrameHeader(producer="p1", seq=0, run=run, source=source, kind=kind,  # type: ignore[arg-type]
+                       dtype=dtype, shape=shape, pixels=FrameRef(1),
+                       coords=Coords(well, site, channel, z, t), rgb=rgb, meta=meta or {})
+
+
+def put(asm: PlateAssembler, header: FrameHeader, value: object) -> np.ndarray:
+    """What the receiver does: copy pixels into the destination, then commit."""
+    dest = asm.destination(header)
+    assert dest.shape == header.shape and dest.dtype == np.dtype(header.dtype)
+    dest[...] = value
+    asm.commit(header, dest)
+    return dest
+
+
+def by_name(updates: list[LayerUpdate]) -> dict[str, LayerUpdate]:
+    return {u.name: u for u in updates}
+
+
+@pytest.fixture
+def asm() -> PlateAssembler:
+    return PlateAssembler(max_bytes=1 << 30)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def test_sparse_24_well_plate_routes_channels_to_layers_and_wells_sites_to_sliders(asm):
+    wells = [well_name(r, c) for r in range(4) for c in range(6)]
+    present = wells[::2]  # a sparse plate: every other well
+    missing = {("A03", 2, 1), ("B01", 1, 2)}  # planes a pipeline never sent
+    sent = {}
+    for w in present:
+        for site in (1, 2):
+            for ch in range(3):
+                if (w, site, ch) in missing:
+                    continue
+                value = 1000 * ch + 10 * present.index(w) + site
+                put(asm, item(w, site, ch, meta=NAMES), value)
+                sent[(w, site, ch)] = value
+
+    updates = by_name(asm.take_updates())
+    assert set(updates) == {"out DAPI [r1]", "out GFP [r1]", "out Cy5 [r1]"}
+    for ch, name in enumerate(["out DAPI [r1]", "out GFP [r1]", "out Cy5 [r1]"]):
+        u = updates[name]
+        assert u.new and not u.grew and not u.removed
+        assert u.kind == "image" and not u.rgb
+        assert u.axis_labels == ("well", "site", "channel", "t", "z", "y", "x")
+        assert u.data.shape == (12, 2, 1, 1, 1, 4, 4)
+        assert u.blending == "additive"
+        assert u.metadata == {"run": "r1", "source": "out", "channel": ch, "kind": "image"}
+        assert u.frames == sum(1 for k in sent if k[2] == ch)
+        for wi, w in enumerate(present):
+            for si, site in enumerate((1, 2)):
+                plane = u.data[wi, si, 0, 0, 0]
+                expected = sent.get((w, site, ch), 0)  # blank where missing, never an error
+                assert (plane == expected).all(), (w, site, ch)
+    info = {i.name: i for i in asm.layers()}
+    assert info["out GFP [r1]"].shape == (12, 2, 1, 1, 1, 4, 4)
+    assert info["out GFP [r1]"].channel == 1
+
+
+def test_indices_are_global_in_arrival_order_across_layers_and_runs(asm):
+    put(asm, item("B01", source="a"), 1)
+    put(asm, item("C01", source="a"), 2)
+    put(asm, item("C01", source="b"), 3)
+    put(asm, item("D01", source="b"), 4)
+    put(asm, item("D01", run="r2"), 5)
+    u = by_name(asm.take_updates())
+    a, b, r2 = u["a [r1]"].data, u["b [r1]"].data, u["out [r2]"].data
+    assert a.shape[WELL] == 2 and b.shape[WELL] == 3 and r2.shape[WELL] == 3
+    assert (b[0] == 0).all()  # B01's slot in a layer that never got B01
+    assert (a[1] == 2).all() and (b[1] == 3).all()  # C01 is index 1 everywhere
+    assert (b[2] == 4).all() and (r2[2] == 5).all()
+    assert asm.label_text("b [r1]", (1, 0, 0, 0, 0)) == "Well C01"
+    assert asm.label_text("out [r2]", (2, 0, 0, 0, 0)) == "Well D01"
+
+
+def test_items_without_components_make_a_single_plane_layer(asm):
+    put(asm, item(), 7)
+    (u,) = asm.take_updates()
+    assert u.name == "out [r1]" and u.data.shape == (1, 1, 1, 1, 1, 4, 4)
+    assert (u.data == 7).all()
+    assert u.colormap == "gray" and u.blending == "translucent"
+    assert asm.label_text(u.name, (0, 0, 0, 0, 0)) == ""
+
+
+def test_destination_is_an_exact_writable_view_and_foreign_arrays_are_copied(asm):
+    h = item("A01", dtype="float32", shape=(3, 5))
+    dest = asm.destination(h)
+    assert dest.shape == (3, 5) and dest.dtype == np.float32 and dest.flags.writeable
+    asm.commit(h, np.full((3, 5), 2.5, np.float32))  # e.g. the receiver allocated it
+    (u,) = asm.take_updates()
+    assert (u.data[0, 0, 0, 0, 0] == 2.5).all()
+
+
+# -- growth ----------------------------------------------------------------------------------
+
+
+def test_growth_preserves_data_and_is_logarithmic_in_the_number_of_wells():
+    asm = PlateAssembler(max_bytes=1 << 30)
+    wells = [well_name(r, c) for r in range(32) for c in range(48)]  # a 1536-well plate
+    grew_at = []
+    for i, w in enumerate(wells):
+        before = asm.allocations
+        put(asm, item(w, shape=(2, 2)), i + 1)
+        if asm.allocations != before:
+            grew_at.append(i)
+    # creation + one growth per doubling: 1, 2, 4, ..., 2048 -> 12 allocations, not 1536
+    assert asm.allocations == len(grew_at) <= int(np.ceil(np.log2(len(wells)))) + 1
+    assert grew_at == [0] + [2**k for k in range(11)]
+    (u,) = asm.take_updates()
+    assert u.data.shape == (1536, 1, 1, 1, 1, 2, 2)  # trimmed to use, not capacity (2048)
+    assert (u.data[:, 0, 0, 0, 0, 0, 0] == np.arange(1, 1537)).all()
+    assert asm.nbytes == 2048 * 2 * 2 * 2
+
+
+def test_growth_and_used_extent_changes_report_grew(asm):
+    put(asm, item("A01", site=1), 1)
+    (u,) = asm.take_updates()
+    assert u.new and not u.grew
+    first = u.data
+
+    put(asm, item("A01", site=1), 2)  # same slot, same array
+    (u,) = asm.take_updates()
+    assert not u.new and not u.grew and u.data is first
+
+    put(asm, item("A02", site=1), 3)  # capacity 1 -> 2: a new array
+    (u,) = asm.take_updates()
+    assert u.grew and u.data.shape[WELL] == 2
+    assert not np.shares_memory(u.data, first)
+    assert (u.data[0] == 2).all() and (u.data[1] == 3).all()
+    grown = u.data
+
+    put(asm, item("A03", site=1), 4)  # capacity 2 -> 4
+    put(asm, item("A03", site=2), 5)  # site capacity 1 -> 2
+    (u,) = asm.take_updates()
+    assert u.grew and u.data.shape[:2] == (3, 2)
+    held = u.data
+
+    put(asm, item("A04", site=1), 6)  # fits capacity 4: a new view of the same buffer
+    (u,) = asm.take_updates()
+    assert u.grew and u.data.shape[WELL] == 4
+    assert np.shares_memory(u.data, held) and u.data.base is held.base
+    assert (grown == u.data[:2, :1]).all()
+
+
+def test_mixed_frame_sizes_pad_to_the_largest_and_write_top_left(asm):
+    put(asm, item("A01", shape=(4, 4)), 1)
+    put(asm, item("A02", shape=(6, 3)), 2)
+    (u,) = asm.take_updates()
+    assert u.data.shape == (2, 1, 1, 1, 1, 6, 4)
+    a01, a02 = u.data[0, 0, 0, 0, 0], u.data[1, 0, 0, 0, 0]
+    assert (a01[:4, :4] == 1).all() and (a01[4:] == 0).all()
+    assert (a02[:6, :3] == 2).all() and (a02[:, 3] == 0).all()
+    put(asm, item("A02", shape=(2, 2)), 9)  # a smaller item replaces a larger one: no leftovers
+    (u,) = asm.take_updates()
+    a02 = u.data[1, 0, 0, 0, 0]
+    assert (a02[:2, :2] == 9).all() and a02.sum() == 4 * 9
+
+
+def test_dtype_rgb_and_ndim_differences_split_layers(asm):
+    put(asm, item("A01", 1, 0, meta=NAMES), 1)
+    put(asm, item("A02", 1, 0, dtype="uint8"), 2)
+    put(asm, item("A03", 1, 0, dtype="uint8", shape=(4, 4, 3), rgb=True), 3)
+    put(asm, item("A04", 1, 0, shape=(2, 4, 4)), 4)
+    put(asm, item("A05", 1, 0, dtype="float32"), 5.5)
+    u = by_name(asm.take_updates())
+    assert set(u) == {"out DAPI [r1]", "out DAPI (uint8) [r1]", "out DAPI (uint8 rgb) [r1]",
+                      "out DAPI (uint16 3-D) [r1]", "out DAPI (float32) [r1]"}
+    rgb = u["out DAPI (uint8 rgb) [r1]"]
+    assert rgb.rgb and rgb.data.shape == (3, 1, 1, 1, 1, 4, 4, 3)
+    assert rgb.axis_labels == (*STACK_AXES, "y", "x") and rgb.colormap is None
+    assert rgb.contrast_limits is None  # napari's rgb defaults are right
+    vol = u["out DAPI (uint16 3-D) [r1]"]
+    assert vol.axis_labels == (*STACK_AXES, "plane", "y", "x")
+    assert vol.data.shape == (4, 1, 1, 1, 1, 2, 4, 4) and (vol.data[3] == 4).all()
+    assert u["out DAPI (float32) [r1]"].data.dtype == np.float32
+    assert len({x.colormap for x in u.values() if not x.rgb}) == 1  # one channel, one colour
+
+
+def test_labels_layers(asm):
+    put(asm, item("A01", source="cells"), 1)
+    put(asm, item("A01", source="cells", kind="labels", dtype="int32"), 5)
+    u = by_name(asm.take_updates())
+    lab = u["cells labels [r1]"]
+    assert lab.kind == "labels" and lab.colormap is None and lab.contrast_limits is None
+    assert lab.blending == "translucent" and lab.data.dtype == np.int32
+    assert (lab.data == 5).all()
+    assert u["cells [r1]"].kind == "image"
+
+
+def test_producer_meta_modes_stack_channels_for_that_group_only(asm):
+    meta = {"modes": {"channel": "stack"}, **NAMES}
+    for ch in range(3):
+        put(asm, item("A01", 1, ch, source="stacked", meta=meta), ch + 1)
+        put(asm, item("A01", 1, ch, source="layered", meta=NAMES), ch + 1)
+    u = by_name(asm.take_updates())
+    stacked = u["stacked [r1]"]
+    assert stacked.data.shape == (1, 1, 3, 1, 1, 4, 4)
+    assert stacked.colormap == "gray" and stacked.blending == "translucent"
+    assert stacked.metadata["channel"] is None
+    assert [int(stacked.data[0, 0, c, 0, 0, 0, 0]) for c in range(3)] == [1, 2, 3]
+    assert asm.label_text("stacked [r1]", (0, 0, 2, 0, 0)) == "Well A01 | Site 1 | Cy5"
+    assert {"layered DAPI [r1]", "layered GFP [r1]", "layered Cy5 [r1]"} <= set(u)
+    # later meta does not change a group that already exists
+    put(asm, item("A01", 1, 0, source="layered", meta={"modes": {"channel": "stack"}}), 9)
+    assert "layered [r1]" not in by_name(asm.take_updates())
+
+
+def test_bad_modes_are_rejected_with_a_clear_message(asm):
+    with pytest.raises(ValueError, match=r"meta\['modes'\]: unknown component 'plate'"):
+        asm.destination(item("A01", meta={"modes": {"plate": "stack"}}))
+    with pytest.raises(ValueError, match="must be 'stack' or 'layer', got 'slider'"):
+        asm.destination(item("A01", source="x", meta={"modes": {"z": "slider"}}))
+    with pytest.raises(ValueError, match="unknown component 'c'"):
+        PlateAssembler(modes={"c": "layer"})
+    assert put(asm, item("A01"), 1) is not None  # the assembler still works
+
+
+def test_constructor_and_set_modes():
+    asm = PlateAssembler(modes={"well": "layer", "channel": Mode.STACK}, max_bytes=1 << 20)
+    assert asm.modes["well"] is Mode.LAYER and asm.modes["channel"] is Mode.STACK
+    assert DEFAULT_MODES["channel"] is Mode.LAYER
+    put(asm, item("B03", 1, 0), 1)
+    put(asm, item("B04", 1, 1), 2)
+    names = {u.name for u in asm.take_updates()}
+    assert names == {"out B03 [r1]", "out B04 [r1]"}
+    asm.set_modes({"well": "STACK"})  # applies to groups that appear from now on
+    put(asm, item("B03", 1, 0, source="new"), 1)
+    put(asm, item("B04", 1, 0, source="new"), 1)
+    (u,) = asm.take_updates()
+    assert u.name == "new [r1]" and u.data.shape[WELL] == 2
+
+
+# -- memory cap ------------------------------------------------------------------------------
+
+
+def test_memory_cap_rejects_growth_but_existing_slots_keep_working():
+    plane = 64 * 64 * 2
+    asm = PlateAssembler(max_bytes=5 * plane)
+    for i in range(5):
+        put(asm, item(f"A0{i + 1}", shape=(64, 64)), i)
+    # 4 wells' capacity + 1 more: doubling to 8 breaks the cap, so it grew to exactly 5
+    assert asm.nbytes == 5 * plane
+    with pytest.raises(AssemblerFull, match=r"memory cap of [\d.]+ MiB reached by streamed layers"):
+        asm.destination(item("A06", shape=(64, 64)))
+    with pytest.raises(AssemblerFull) as info:
+        asm.destination(item("A06", shape=(64, 64)))
+    assert isinstance(info.value, ValueError)
+    assert "clear a run or raise the cap in the widget" in str(info.value)
+    with pytest.raises(AssemblerFull):
+        asm.destination(item("A01", source="other", shape=(64, 64)))  # a new layer too
+    put(asm, item("A02", shape=(64, 64)), 42)  # an existing slot still works
+    (u,) = asm.take_updates()
+    assert (u.data[1] == 42).all() and u.data.shape[WELL] == 5
+    asm.max_bytes = 100 * plane  # the widget raised the cap
+    put(asm, item("A06", shape=(64, 64)), 6)
+    assert asm.nbytes == 10 * plane
+
+
+def test_default_cap_is_half_the_physical_memory():
+    assert default_max_bytes() > 0
+    assert PlateAssembler().max_bytes == default_max_bytes()
+
+
+# -- torn copies and updates -----------------------------------------------------------------
+
+
+def test_discard_blanks_the_slot_and_does_not_count(asm):
+    put(asm, item("A01"), 5)
+    put(asm, item("A02"), 6)
+    asm.take_updates()
+    dest = asm.destination(item("A01"))
+    dest[...] = 999  # garbage from a torn shared-memory read
+    asm.discard(item("A01"), dest)
+    (u,) = asm.take_updates()
+    assert (u.data[0] == 0).all() and (u.data[1] == 6).all()
+    assert u.frames == 2 and u.dirty_steps == {(0, 0, 0, 0, 0)}
+
+
+def test_updates_coalesce_and_carry_new_grew_removed(asm):
+    assert asm.take_updates() == []
+    for _ in range(50):
+        put(asm, item("A01", 1, 0), 1)
+        put(asm, item("A01", 1, 1), 1)
+    updates = asm.take_updates()
+    assert len(updates) == 2 and all(u.new for u in updates)
+    assert all(u.frames == 50 for u in updates)
+    assert asm.take_updates() == []  # nothing new, nothing to do
+
+    asm.destination(item("A02", 1, 0))  # a destination alone is not shown yet
+    assert asm.take_updates() == []
+
+    asm.clear()
+    removed = asm.take_updates()
+    assert {u.name for u in removed} == {"out Channel 0 [r1]", "out Channel 1 [r1]"}
+    assert all(u.removed and u.data is None for u in removed)
+    assert asm.take_updates() == []
+
+
+def test_dirty_steps_are_capped(asm):
+    for i in range(DIRTY_STEPS_CAP + 1):
+        put(asm, item("A01", z=i, shape=(1, 1)), 1)
+    (u,) = asm.take_updates()
+    assert u.dirty_steps is None  # "many": refresh whatever is shown
+    put(asm, item("A01", z=3, shape=(1, 1)), 1)
+    put(asm, item("A01", z=4, shape=(1, 1)), 1)
+    (u,) = asm.take_updates()
+    assert u.dirty_steps == {(0, 0, 0, 0, 3), (0, 0, 0, 0, 4)}
+
+
+def test_newest_and_previous_newest_let_the_ui_follow(asm):
+    put(asm, item("A01", 1), 1)
+    (u,) = asm.take_updates()
+    assert u.newest == (0, 0, 0, 0, 0) and u.previous_newest is None
+    put(asm, item("A02", 1), 1)
+    put(asm, item("A02", 2), 1)
+    (u,) = asm.take_updates()
+    assert u.previous_newest == (0, 0, 0, 0, 0) and u.newest == (1, 1, 0, 0, 0)
+    put(asm, item("A01", 1), 1)  # a re-sent earlier plane becomes the newest
+    (u,) = asm.take_updates()
+    assert u.previous_newest == (1, 1, 0, 0, 0) and u.newest == (0, 0, 0, 0, 0)
+
+
+def test_clear_one_run_leaves_the_other(asm):
+    put(asm, item("A01", meta={"plate": {"rows": 8, "cols": 12}}), 1)
+    put(asm, item("B01", run="r2"), 2)
+    asm.take_updates()
+    held = asm.nbytes
+    state = json.loads(json.dumps(asm.state()))  # JSON-able for the control reply
+    assert state["runs"] == ["r1", "r2"] and state["frames"] == 2 and state["nbytes"] == held
+    assert state["plates"] == {"r1": {"rows": 8, "cols": 12}}
+    assert [layer["name"] for layer in state["layers"]] == ["out [r1]", "out [r2]"]
+    assert state["layers"][1]["shape"] == [2, 1, 1, 1, 1, 4, 4]
+
+    assert asm.clear("r1") == 1
+    (u,) = asm.take_updates()
+    assert u.removed and u.name == "out [r1]"
+    state = asm.state()
+    assert state["runs"] == ["r2"] and state["frames"] == 1 and state["plates"] == {}
+    assert asm.nbytes < held
+    put(asm, item("B01", run="r2"), 3)  # the other run keeps streaming, same indices
+    put(asm, item("C01", run="r1"), 4)  # the cleared run can come back
+    u = by_name(asm.take_updates())
+    assert u["out [r1]"].new and u["out [r1]"].data.shape[WELL] == 3  # well indices kept
+    assert (u["out [r2]"].data[1] == 3).all()
+    assert asm.clear("nope") == 0
+
+    assert asm.clear() == 2
+    assert asm.nbytes == 0 and asm.state()["layers"] == []
+    put(asm, item("C01"), 5)  # index maps start again after clearing everything
+    u = by_name(asm.take_updates())
+    assert u["out [r1]"].removed is False and u["out [r1]"].data.shape[WELL] == 1
+
+
+def test_commit_after_clear_is_ignored(asm):
+    h = item("A01")
+    dest = asm.destination(h)
+    asm.clear()
+    dest[...] = 1
+    asm.commit(h, dest)
+    asm.discard(h, dest)
+    assert asm.take_updates() == [] and asm.layers() == []
+
+
+# -- labels and display ----------------------------------------------------------------------
+
+
+def test_label_text_at_several_positions(asm):
+    for w in ("A01", "B03"):
+        for site in (1, 2):
+            for z in (3, 4):
+                put(asm, item(w, site, 0, z=z, meta=NAMES), 1)
+    put(asm, item("C05", source="nosite", meta=NAMES), 1)
+    name = "out DAPI [r1]"
+    assert asm.label_text(name, (1, 1, 0, 0, 1)) == "Well B03 | Site 2 | DAPI | Z 4"
+    assert asm.label_text(name, (0, 0, 0, 0, 0)) == "Well A01 | Site 1 | DAPI | Z 3"
+    assert asm.label_text(name, (0, 0, 0, 0, 0, 17, 3)) == "Well A01 | Site 1 | DAPI | Z 3"
+    assert asm.label_text(name, (2, 0, 0, 0, 0)) == "Well C05 | Site 1 | DAPI | Z 3"
+    assert asm.label_text(name, (9, 5, 0, 0, 7)) == "DAPI"  # past the known values
+    assert asm.label_text(name, (1,)) == "Well B03 | DAPI"
+    # no site values, a single z: neither shown
+    assert asm.label_text("nosite [r1]", (2, 0, 0, 0, 0)) == "Well C05"
+    assert asm.label_text("gone", (0, 0, 0, 0, 0)) == ""
+
+
+def test_label_text_for_stacked_t_and_layered_z():
+    asm = PlateAssembler(modes={"z": "layer"}, max_bytes=1 << 20)
+    for t in range(3):
+        put(asm, item("A01", channel="GFP", z=2, t=t), 1)
+    assert asm.label_text("out GFP z 2 [r1]", (0, 0, 0, 2, 0)) == "Well A01 | GFP | T 2 | Z 2"
+
+
+def test_colormaps_from_meta_names_and_cycle(asm):
+    meta = {"channel_names": {"0": "Hoechst 33342", "1": "Alexa 488", "2": "mCherry",
+                              "3": "Cy5", "4": "brightfield", "5": "mito", "6": "actin"},
+            "colormaps": {"2": "I Orange"}}
+    for ch in range(7):
+        put(asm, item("A01", channel=ch, meta=meta), 1)
+    put(asm, item("A01", channel="TRITC", source="b"), 1)
+    put(asm, item("A01", channel="640 nm", source="b"), 1)
+    cmaps = {u.name: u.colormap for u in asm.take_updates()}
+    assert cmaps == {
+        "out Hoechst 33342 [r1]": "blue", "out Alexa 488 [r1]": "green",
+        "out mCherry [r1]": "I Orange", "out Cy5 [r1]": "red", "out brightfield [r1]": "gray",
+        "out mito [r1]": "cyan", "out actin [r1]": "magenta",
+        "b TRITC [r1]": "magenta", "b 640 nm [r1]": "red",
+    }
+
+
+def test_contrast_from_robust_percentiles_refined_at_most_once_per_interval():
+    clock = FakeClock()
+    asm = PlateAssembler(max_bytes=1 << 30, clock=clock, contrast_interval=1.0)
+    rng = np.random.default_rng(0)
+    first = rng.integers(100, 1000, size=(64, 64), dtype=np.uint16)
+    put(asm, item("A01", shape=(64, 64)), first)
+    (u,) = asm.take_updates()
+    expected = tuple(np.percentile(first, (0.5, 99.5)))  # 4096 px: the sample is every pixel
+    assert u.contrast_limits == pytest.approx(expected)
+
+    bright = rng.integers(5000, 6000, size=(64, 64), dtype=np.uint16)
+    put(asm, item("A02", shape=(64, 64)), bright)  # still among the first frames: sampled
+    (u,) = asm.take_updates()
+    assert u.contrast_limits is not None and u.contrast_limits[1] > 5000
+
+    for _ in range(3):
+        put(asm, item("A03", shape=(64, 64)), bright)  # 3rd frame sampled, then throttled
+    asm.take_updates()
+    put(asm, item("A04", shape=(64, 64)), 60000)
+    clock.now += 0.5
+    put(asm, item("A04", shape=(64, 64)), 60000)
+    (u,) = asm.take_updates()
+    assert u.contrast_limits is None  # no new estimate: keep whatever the layer shows
+    clock.now += 0.6
+    put(asm, item("A04", shape=(64, 64)), 60000)
+    (u,) = asm.take_updates()
+    assert u.contrast_limits is not None and u.contrast_limits[1] == pytest.approx(60000)
+
+
+def test_contrast_of_flat_nan_and_bool_images(asm):
+    put(asm, item("A01", source="flat"), 7)
+    nan = np.full((4, 4), np.nan, np.float32)
+    nan[0, 0] = 2.0
+    put(asm, item("A01", source="nan", dtype="float32"), nan)
+    put(asm, item("A01", source="allnan", dtype="float32"), np.nan)
+    put(asm, item("A01", source="mask", dtype="bool"), True)
+    u = by_name(asm.take_updates())
+    assert u["flat [r1]"].contrast_limits == (7.0, 8.0)  # napari needs lo < hi
+    assert u["nan [r1]"].contrast_limits == (2.0, 3.0)
+    assert u["allnan [r1]"].contrast_limits is None
+    assert u["mask [r1]"].contrast_limits == (1.0, 2.0)
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+
+def test_writer_thread_and_main_thread_updates_concurrently():
+    asm = PlateAssembler(max_bytes=1 << 30)
+    wells = [well_name(r, c) for r in range(8) for c in range(12)]
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for round_ in range(3):
+                for i, w in enumerate(wells):
+                    for ch in range(2):
+                        h = item(w, 1 + round_ % 2, ch, shape=(8, 8))
+                        dest = asm.destination(h)
+                        dest[...] = i + 1
+                        if (i + ch) % 17 == 0 and round_ == 2:
+                            asm.discard(h, dest)
+                        else:
+                            asm.commit(h, dest)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    shown: dict[str, np.ndarray] = {}
+
+    def apply(u: LayerUpdate) -> None:  # what the render tick does with the arrays
+        assert u.new == (u.name not in shown)
+        assert u.data is not None and u.data.shape[-2:] == (8, 8)
+        if u.new or u.grew:
+            shown[u.name] = u.data
+
+    while not done.is_set():
+        for u in asm.take_updates():
+            apply(u)
+        asm.label_text("out Channel 0 [r1]", (5, 0, 0, 0, 0))
+        asm.state()
+    thread.join()
+    assert not errors, errors
+    for u in asm.take_updates():
+        apply(u)
+    assert set(shown) == {"out Channel 0 [r1]", "out Channel 1 [r1]"}
+    for ch, name in enumerate(["out Channel 0 [r1]", "out Channel 1 [r1]"]):
+        data = shown[name]
+        assert data.shape == (96, 2, 1, 1, 1, 8, 8)
+        for i in range(96):
+            site1 = 0 if (i + ch) % 17 == 0 else i + 1  # round 2 (site 1) discarded these
+            assert (data[i, 0] == site1).all() and (data[i, 1] == i + 1).all()
+
+
+def test_a_view_handed_out_before_a_growth_is_still_committed():
+    """A second writer (or a late commit) may hold a view into the stack a growth replaced."""
+    asm = PlateAssembler(max_bytes=1 << 20)
+    early = item("A01")
+    stale = asm.destination(early)
+    put(asm, item("A02"), 2)  # grows the well axis: `stale` now points into the old stack
+    stale[...] = 1
+    asm.commit(early, stale)
+    (u,) = asm.take_updates()
+    assert (u.data[0] == 1).all() and (u.data[1] == 2).all()
+
+
+def test_sparse_growth_copies_every_written_slot():
+    asm = PlateAssembler(max_bytes=1 << 24)
+    wells = [well_name(0, c) for c in range(12)]
+    for w in wells:  # another layer registers the well indices 0..11
+        put(asm, item(w, source="dense", shape=(1, 1)), 1)
+    written = {w: i + 10 for i, w in enumerate(wells) if i % 3 == 1}
+    for w, value in written.items():  # a sparse layer: indices 1, 4, 7, 10, growing each time
+        put(asm, item(w, source="sparse"), value)
+    u = by_name(asm.take_updates())["sparse [r1]"]
+    assert u.data.shape[WELL] == 11
+    for i, w in enumerate(wells[:11]):
+        assert (u.data[i] == written.get(w, 0)).all(), w

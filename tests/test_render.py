@@ -1,0 +1,160 @@
+"""The render tick against a real napari viewer and a real assembler (no sockets needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _frames import plane, put
+from napari_hcs_stream._qt.render import RenderTick
+from napari_hcs_stream.assembler import STACK_AXES, PlateAssembler
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def viewer(make_napari_viewer_proxy):
+    return make_napari_viewer_proxy()
+
+
+@pytest.fixture
+def assembler():
+    return PlateAssembler(max_bytes=1 << 30, contrast_interval=0.0)
+
+
+@pytest.fixture
+def tick(viewer, assembler):
+    counter = {"n": 0}
+    render = RenderTick(viewer, assembler, generation=lambda: counter["n"])
+    render.counter = counter  # type: ignore[attr-defined]
+    yield render
+    render.close()
+
+
+def layer_named(viewer, name):
+    return next(layer for layer in viewer.layers if layer.name == name)
+
+
+def test_new_layers_have_shapes_labels_and_colours(viewer, assembler, tick):
+    put(assembler, plane(10), well="A01", site=1, channel="DAPI")
+    put(assembler, plane(20), well="B03", site=2, channel="DAPI")
+    put(assembler, plane(30), well="A01", site=1, channel="GFP")
+    tick.tick()
+    assert sorted(tick.streamed()) == ["out DAPI [run1]", "out GFP [run1]"]
+    dapi = layer_named(viewer, "out DAPI [run1]")
+    assert dapi.data.shape == (2, 2, 1, 1, 1, 32, 48)
+    assert tuple(dapi.axis_labels) == (*STACK_AXES, "y", "x")
+    assert tuple(viewer.dims.axis_labels) == (*STACK_AXES, "y", "x")
+    assert dapi.colormap.name == "blue"
+    assert str(dapi.blending) == "additive"
+    assert dapi.metadata["hcs_stream"]["run"] == "run1"
+    assert int(dapi.data[1, 1, 0, 0, 0, 0, 0]) == 20
+    assert int(layer_named(viewer, "out GFP [run1]").data[0, 0, 0, 0, 0, 5, 5]) == 30
+
+
+def test_in_place_writes_refresh_only_the_visible_slice(viewer, assembler, tick):
+    put(assembler, plane(1), well="A01")
+    put(assembler, plane(2), well="A02")
+    tick.tick()
+    layer = layer_named(viewer, "out [run1]")
+    assert viewer.dims.current_step[0] == 1  # followed the newest frame
+    viewer.dims.set_current_step(0, 0)  # the user looks at A01
+    calls = []
+    layer.events.set_data.connect(lambda e: calls.append(e))
+    put(assembler, plane(5), well="A02")  # not displayed: no refresh
+    tick.tick()
+    assert calls == []
+    assert viewer.dims.current_step[0] == 0
+    put(assembler, plane(7), well="A01")  # displayed: refreshed
+    tick.tick()
+    assert calls
+    assert int(np.asarray(layer.data[0]).max()) == 7
+
+
+def test_user_contrast_and_colormap_survive_updates(viewer, assembler, tick):
+    put(assembler, plane(100), well="A01", channel="DAPI")
+    tick.tick()
+    layer = layer_named(viewer, "out DAPI [run1]")
+    layer.contrast_limits = (3, 4)  # the user
+    layer.colormap = "magma"
+    layer.opacity = 0.5
+    for i, well in enumerate(["A02", "A03", "B01", "B02", "C01"]):  # growth and refinements
+        put(assembler, plane(1000 * (i + 2)), well=well, channel="DAPI")
+        tick.tick()
+    assert tuple(layer.contrast_limits) == (3, 4)
+    assert layer.colormap.name == "magma"
+    assert layer.opacity == 0.5
+    assert tick.user_set_contrast("out DAPI [run1]")
+
+
+def test_contrast_follows_the_assembler_until_the_user_touches_it(viewer, assembler, tick):
+    put(assembler, plane(100), well="A01")
+    tick.tick()
+    layer = layer_named(viewer, "out [run1]")
+    first = tuple(layer.contrast_limits)
+    put(assembler, np.arange(32 * 48, dtype="uint16").reshape(32, 48) * 10, well="A02")
+    tick.tick()
+    assert tuple(layer.contrast_limits) != first
+    assert not tick.user_set_contrast("out [run1]")
+
+
+def test_slider_stays_where_the_user_put_it(viewer, assembler, tick):
+    for well in ("A01", "A02", "A03"):
+        put(assembler, plane(1), well=well)
+    tick.tick()
+    assert viewer.dims.current_step[0] == 2
+    viewer.dims.set_current_step(0, 0)  # the user looks at A01
+    put(assembler, plane(1), well="A04")
+    tick.tick()
+    assert viewer.dims.current_step[0] == 0
+    viewer.dims.set_current_step(0, 3)  # back at the newest: follow again
+    put(assembler, plane(1), well="A05")
+    tick.tick()
+    assert viewer.dims.current_step[0] == 4
+
+
+def test_clear_removes_layers_and_a_user_deleted_layer_stays_deleted(viewer, assembler, tick):
+    put(assembler, plane(1), well="A01", run="a")
+    put(assembler, plane(1), well="A01", run="b")
+    tick.tick()
+    assert len(viewer.layers) == 2
+    assembler.clear("a")
+    tick.tick()
+    assert [layer.name for layer in viewer.layers] == ["out [b]"]
+    viewer.layers.remove(layer_named(viewer, "out [b]"))  # the user deletes it
+    put(assembler, plane(2), well="A02", run="b")
+    tick.tick()
+    assert len(viewer.layers) == 0
+    assert tick.streamed() == {}
+
+
+def test_generation_and_tick_times(viewer, assembler, tick):
+    tick.counter["n"] = 5
+    put(assembler, plane(1), well="A01")
+    tick.tick()
+    assert tick.rendered_generation == 5
+    assert len(tick.tick_ms) == 1 and tick.tick_p99_ms > 0
+
+
+def test_timer_applies_updates(qtbot, viewer, assembler, tick):
+    tick.start()
+    put(assembler, plane(3), well="A01")
+    qtbot.waitUntil(lambda: len(viewer.layers) == 1, timeout=5000)
+    tick.stop()
+    assert not tick.active
+
+
+def test_pacer_spends_a_bounded_share_of_the_main_thread():
+    from napari_hcs_stream._qt._pacing import Pacer
+
+    load = {"v": 0.0}
+    pacer = Pacer(min_ms=33, max_ms=250, duty=0.5, load=lambda: load["v"])
+    assert pacer.interval_ms == 33
+    pacer.record(40.0)  # an expensive redraw: wait 80 ms before the next
+    assert pacer.interval_ms == 80
+    load["v"] = 0.95  # the listener cannot keep up: redraw rarely, but within the max wait
+    assert pacer.interval_ms == 250
+    load["v"] = 0.0
+    for _ in range(5):
+        pacer.idle()
+    assert pacer.interval_ms == 33

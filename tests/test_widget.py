@@ -1,0 +1,275 @@
+"""The dock widget end to end: producer processes -> listener -> assembler -> napari layers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from qtpy.QtWidgets import QApplication
+
+from _producers import CHANNELS, plane_for, start_producers, value_of
+from napari_hcs_stream._qt.widget import StreamWidget
+from napari_hcs_stream.control import ControlClient
+from napari_hcs_stream.endpoints import lookup_endpoint
+from napari_hcs_stream.publisher import Publisher
+
+pytestmark = pytest.mark.gui
+
+#: a sparse 24-well plate (4 x 6): five wells, split over two producers.
+PLAN = {"prod-a": ["A01", "B03", "D06"], "prod-b": ["A03", "C02"]}
+
+
+@pytest.fixture(autouse=True)
+def private_plugin_settings(tmp_path, monkeypatch):
+    """The widget remembers endpoints in napari's plugin settings: keep tests off the user's."""
+    from napari import settings
+
+    monkeypatch.setattr(settings, "_CFG_PATH", str(tmp_path / "settings.yaml"))
+    settings._clear_plugin_settings_cache()
+    yield tmp_path
+    settings._clear_plugin_settings_cache()
+
+
+@pytest.fixture
+def docked(make_napari_viewer_proxy, qtbot, runtime_dir, request):
+    """A shown viewer with the widget docked (not listening yet)."""
+
+    def make(show: bool = False) -> tuple[object, StreamWidget]:
+        viewer = make_napari_viewer_proxy(show=show)
+        widget = StreamWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="HCS Stream")
+        return viewer, widget
+
+    return make
+
+
+def listen(qtbot, widget: StreamWidget, name: str) -> None:
+    widget.start(name)
+    qtbot.waitUntil(lambda: bool(widget.listener and widget.listener.address), timeout=10000)
+
+
+def in_thread(func) -> dict:
+    """Run a blocking call (a control request) off the main thread; the GUI keeps ticking."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = func()
+        except Exception as exc:  # reported by the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+def wait_result(qtbot, out: dict, timeout: int = 20000):
+    qtbot.waitUntil(lambda: not out["thread"].is_alive(), timeout=timeout)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def layer_named(viewer, name):
+    return next(layer for layer in viewer.layers if layer.name == name)
+
+
+def test_plate_from_two_producer_processes(docked, qtbot, runtime_dir):
+    viewer, widget = docked(show=True)
+    listen(qtbot, widget, "plate")
+    procs, results = start_producers("plate", str(runtime_dir), PLAN)
+    qtbot.waitUntil(lambda: results.qsize() == len(PLAN), timeout=60000)
+    done = [results.get() for _ in PLAN]
+    for proc in procs:
+        proc.join(10)
+    assert all(sent == len(PLAN[p]) * 2 * len(CHANNELS) for p, _, sent in done)
+    client = ControlClient(widget.listener.control_address)
+    reply = wait_result(qtbot, in_thread(lambda: client.request(
+        "flush", timeout=20, until={p: seq for p, seq, _ in done}, timeout_s=15)))
+    assert reply["ok"], reply
+
+    names = [f"plate {c} [plate1]" for c in CHANNELS]
+    assert sorted(layer.name for layer in viewer.layers) == sorted(names)
+    assert tuple(viewer.dims.axis_labels) == ("well", "site", "channel", "t", "z", "y", "x")
+    assembler = widget.assembler
+    for channel, name in zip(CHANNELS, names, strict=True):
+        layer = layer_named(viewer, name)
+        assert layer.data.shape == (5, 2, 1, 1, 1, 64, 64)
+        for w in range(5):
+            for s in range(2):
+                well = assembler.label_text(name, (w, s, 0, 0, 0)).split(" | ")[0].split()[1]
+                assert int(layer.data[w, s, 0, 0, 0, 32, 32]) == value_of(well, s + 1, channel)
+
+    # the overlay names the slider position of the active layer
+    viewer.layers.selection.active = layer_named(viewer, names[1])
+    viewer.dims.set_current_step(0, 2)
+    viewer.dims.set_current_step(1, 1)
+    well = assembler.label_text(names[1], (2, 1, 0, 0, 0)).split(" | ")[0]
+    assert widget.overlay.text == f"{well} | Site 2 | GFP"
+
+    # pixels on screen where data arrived
+    QApplication.processEvents()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    h, w = shot.shape[:2]
+    assert shot[h // 2 - 20 : h // 2 + 20, w // 2 - 20 : w // 2 + 20, :3].max() > 0
+
+    # the status table counted both producers
+    qtbot.waitUntil(lambda: widget.counts.rows.get("total", {}).get("received") == 30,
+                    timeout=5000)
+    assert {"prod-a", "prod-b"} <= set(widget.counts.rows)
+
+
+def test_user_contrast_survives_later_frames(docked, qtbot, runtime_dir):
+    viewer, widget = docked()
+    listen(qtbot, widget, "contrast")
+    with Publisher("contrast", run="r", producer="p", connect_timeout=10) as pub:
+        pub.publish(plane_for("A01", 1, "DAPI"), well="A01", site=1, channel="DAPI")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 1, timeout=10000)
+        layer = viewer.layers[0]
+        layer.contrast_limits = (5, 6)
+        layer.colormap = "magma"
+        for well in ("A02", "A03", "B01"):
+            pub.publish(plane_for(well, 1, "DAPI") * 3, well=well, site=1, channel="DAPI")
+        qtbot.waitUntil(lambda: layer.data.shape[0] == 4, timeout=10000)
+    assert tuple(layer.contrast_limits) == (5, 6)
+    assert layer.colormap.name == "magma"
+
+
+def test_bad_message_is_shown_and_listening_goes_on(docked, qtbot, runtime_dir):
+    viewer, widget = docked()
+    listen(qtbot, widget, "bad")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUB)
+    sock.connect(widget.listener.address)
+    try:
+        qtbot.waitUntil(lambda: _send_garbage(sock, widget), timeout=10000)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert widget.error_label.toolTip()  # the full reason
+    assert widget.listener.isRunning()
+    with Publisher("bad", run="r", producer="good", connect_timeout=10) as pub:
+        assert pub.publish(np.ones((8, 8), np.uint8), well="A01")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 1, timeout=10000)
+
+
+def _send_garbage(sock, widget: StreamWidget) -> bool:
+    sock.send_multipart([b"{not json", b"xx"])
+    QApplication.processEvents()
+    return bool(widget.counts.rows.get("total", {}).get("rejected"))
+
+
+def test_stop_button_and_remove_dock_widget_end_the_thread(docked, qtbot, runtime_dir,
+                                                           private_plugin_settings):
+    viewer, widget = docked()
+    listen(qtbot, widget, "stopme")
+    listener = widget.listener
+    assert lookup_endpoint("stopme") is not None
+    widget.start_button.click()  # Stop
+    assert not listener.isRunning() and not widget.is_listening
+    assert lookup_endpoint("stopme") is None
+    widget.start_button.click()  # Start again, same endpoint (remembered in plugin settings)
+    qtbot.waitUntil(lambda: bool(widget.is_listening and widget.listener.address),
+                    timeout=10000)
+    assert "endpoint: stopme" in (private_plugin_settings / "napari-hcs-stream.yaml").read_text()
+    listener = widget.listener
+    viewer.window.remove_dock_widget(widget)
+    assert not listener.isRunning()
+    assert not (Path(runtime_dir) / "stopme.json").exists()
+
+
+def test_deleting_the_widget_or_closing_napari_ends_the_thread(docked, qtbot, runtime_dir):
+    _viewer, widget = docked()
+    listen(qtbot, widget, "gone")
+    listener = widget.listener
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: not listener.isRunning(), timeout=5000)
+    viewer2, widget2 = docked()
+    listen(qtbot, widget2, "gone2")
+    listener2 = widget2.listener
+    viewer2.close()
+    qtbot.waitUntil(lambda: not listener2.isRunning(), timeout=5000)
+    assert lookup_endpoint("gone") is None and lookup_endpoint("gone2") is None
+
+
+def test_late_viewer_assembles_what_it_gets(docked, qtbot, runtime_dir):
+    viewer, widget = docked()
+    pub = Publisher("late", run="r", producer="early", connect_timeout=0.0)
+    try:
+        assert not pub.publish(plane_for("A01", 1, "DAPI"), well="A01", site=1, channel="DAPI")
+        listen(qtbot, widget, "late")
+        qtbot.waitUntil(lambda: _publish_until_connected(pub), timeout=10000)
+        for well in ("B02", "C03"):
+            pub.publish(plane_for(well, 1, "DAPI"), well=well, site=1, channel="DAPI")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 1 and viewer.layers[0].data.shape[0] == 3,
+                        timeout=10000)
+    finally:
+        pub.close()
+    layer = viewer.layers[0]
+    texts = [widget.assembler.label_text(layer.name, (i, 0, 0, 0, 0)) for i in range(3)]
+    assert texts == ["Well A02 | Site 1 | DAPI", "Well B02 | Site 1 | DAPI",
+                     "Well C03 | Site 1 | DAPI"]
+    for i, well in enumerate(("A02", "B02", "C03")):
+        assert int(layer.data[i, 0, 0, 0, 0, 32, 32]) == value_of(well, 1, "DAPI")
+
+
+def _publish_until_connected(pub: Publisher) -> bool:
+    QApplication.processEvents()
+    return pub.connected and pub.publish(plane_for("A02", 1, "DAPI"), well="A02", site=1,
+                                         channel="DAPI")
+
+
+def test_control_clear_screenshot_and_shutdown(docked, qtbot, runtime_dir, tmp_path):
+    viewer, widget = docked()
+    listen(qtbot, widget, "ctl")
+    client = ControlClient(widget.listener.control_address)
+    with Publisher("ctl", run="keep", producer="a", connect_timeout=10) as keep, \
+            Publisher("ctl", run="drop", producer="b", connect_timeout=10) as drop:
+        keep.publish(np.ones((8, 8), np.uint8), well="A01")
+        drop.publish(np.ones((8, 8), np.uint8), well="A01")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=10000)
+    state = wait_result(qtbot, in_thread(lambda: client.request("state", timeout=5)))
+    assert state["ok"] and sorted(state["runs"]) == ["drop", "keep"]
+    reply = wait_result(qtbot, in_thread(lambda: client.request("clear", timeout=5, run="drop")))
+    assert reply["ok"]
+    assert [layer.name for layer in viewer.layers] == ["output [keep]"]
+    assert widget.run_combo.findText("drop") == -1
+    shot = tmp_path / "shot.png"
+    reply = wait_result(qtbot, in_thread(lambda: client.request("screenshot", timeout=10,
+                                                                path=str(shot))))
+    assert reply["ok"] and shot.stat().st_size > 0
+    reply = client.request("screenshot", timeout=5, path="relative.png")
+    assert not reply["ok"] and "absolute" in reply["error"]
+    widget.owned = False
+    widget.launched = False
+    listener = widget.listener
+    reply = wait_result(qtbot, in_thread(lambda: client.request("shutdown", timeout=5,
+                                                                close=True)))
+    assert reply == {**reply, "ok": True, "closing": False}
+    qtbot.waitUntil(lambda: not listener.isRunning() and not widget.is_listening, timeout=5000)
+    assert len(viewer.layers) == 1  # not ours to close: the user's napari stays
+
+
+def test_plugin_menu_opens_the_widget_and_autostarts(make_napari_viewer_proxy, qtbot,
+                                                     runtime_dir, monkeypatch):
+    monkeypatch.setenv("NAPARI_HCS_STREAM_AUTOSTART", "1")
+    monkeypatch.setenv("NAPARI_HCS_STREAM_ENDPOINT", "auto")
+    viewer = make_napari_viewer_proxy()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-hcs-stream", "HCS Stream")
+    assert widget.is_listening and widget.endpoint == "auto"
+    qtbot.waitUntil(lambda: lookup_endpoint("auto") is not None, timeout=10000)
+    reply = ControlClient(lookup_endpoint("auto").control).ping(timeout=5)
+    assert reply and reply["ready"] and reply["app"] == "napari-hcs-stream"
+    widget.stop()
+
+
+def test_memory_cap_and_modes_reach_the_assembler(docked):
+    _viewer, widget = docked()
+    widget.cap_spin.setValue(2.0)
+    assert widget.assembler.max_bytes == 2 * 1024**3
+    widget.mode_combos["channel"].setCurrentText("stack")
+    assert widget.assembler.modes["channel"].value == "stack"
