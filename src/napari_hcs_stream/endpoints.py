@@ -188,14 +188,23 @@ def _read(path: Path) -> dict[str, Any] | None:
     return record if ok else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process is running (signal 0 is never delivered: nothing is ever killed).
+
+    A zombie (exited, not yet reaped by its parent: a viewer the pipeline launched and that
+    crashed) counts as gone.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS): signal 0 is all we know
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def lookup_endpoint(name: str) -> Endpoint | None:
@@ -204,7 +213,7 @@ def lookup_endpoint(name: str) -> Endpoint | None:
     record = _read(path)
     if record is None:
         return None
-    if not _pid_alive(record["pid"]):
+    if not pid_alive(record["pid"]):
         log.info("removing the discovery file of dead viewer pid %s: %s", record["pid"], path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -210,7 +210,7 @@ class Receiver:
             n += 1
         return n
 
-    def handle(self, frames: list[zmq.Frame] | list[bytes]) -> bool:
+    def handle(self, frames: list[Any]) -> bool:
         """One message; True when a frame was copied into place (or a Bye was taken)."""
         head = frames[0]
         raw = head.bytes if isinstance(head, zmq.Frame) else head
@@ -243,7 +243,7 @@ class Receiver:
             self.stats.dropped += gap
         ps.last_seq = seq  # an older seq means the producer restarted: count from there
 
-    def _frame(self, h: FrameHeader, frames: list[zmq.Frame] | list[bytes]) -> bool:
+    def _frame(self, h: FrameHeader, frames: list[Any]) -> bool:
         # the per-frame path: plain locals, no helper calls unless something is wrong
         stats = self.stats
         producer = h.producer

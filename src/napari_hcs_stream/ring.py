@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .endpoints import pid_alive
 from .protocol import SEGMENT_RE, ProtocolError, ShmRef
 
 MAGIC = b"HCSRING1"
@@ -322,16 +323,6 @@ class RingReader:
             self.release(name)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def sweep_stale_segments() -> list[str]:
     """Unlink our segments whose owner pid is gone; returns the names swept.
 
@@ -349,7 +340,7 @@ def sweep_stale_segments() -> list[str]:
             continue
         pid = int(name.split("_")[1])
         try:
-            if path.stat().st_uid != uid or _pid_alive(pid):
+            if path.stat().st_uid != uid or pid_alive(pid):
                 continue
             path.unlink()
         except (FileNotFoundError, PermissionError):

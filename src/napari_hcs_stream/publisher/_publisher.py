@@ -26,7 +26,14 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
-from ..endpoints import Endpoint, is_local_address, resolve_endpoint
+from ..endpoints import (
+    Endpoint,
+    is_local_address,
+    lookup_endpoint,
+    pid_alive,
+    registered_pid,
+    resolve_endpoint,
+)
 from ..protocol import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits
 from ..ring import ShmRing, align, sweep_stale_segments
 from ._args import check_array, check_name, coords_meta, dumps
@@ -79,7 +86,13 @@ class Publisher:
     addresses) or ``"frames"`` (pixels inside the message: for other hosts; do not modify an
     array in place after publishing it this way, ZeroMQ may still be sending it).
     ``connect_timeout``: the first publish waits until this long after construction for the
-    viewer's subscription (once; later publishes never wait for a viewer).
+    viewer's subscription (once; later publishes never wait for a viewer). When a live viewer
+    is registered under the endpoint's name, it waits up to ``viewer_wait`` instead: a napari
+    busy creating layers may take seconds to answer a new producer, and the frames must not
+    be lost for that; an absent viewer still costs only ``connect_timeout``.
+    ``ring_slots``: slots in the shared-memory ring; None sizes it from ``ring_bytes`` (at
+    least 4 slots, at most 1024, and within a quarter of the free ``/dev/shm``), so
+    small frames get enough slots to ride out a viewer stall of a second or two.
     ``send_timeout``: the most a publish waits for a free slot or queue space before it drops.
     ``strict``: wait up to ``strict_timeout`` instead, and raise :class:`DeliveryError`.
     ``close_timeout``: how long :meth:`close` lets the viewer copy what is in flight.
@@ -96,10 +109,12 @@ class Publisher:
         transport: Literal["auto", "shm", "frames"] = "auto",
         strict: bool = False,
         connect_timeout: float = 2.0,
+        viewer_wait: float = 10.0,
         send_timeout: float = 0.005,
         strict_timeout: float = 30.0,
         close_timeout: float = 1.0,
-        ring_slots: int = 16,
+        ring_slots: int | None = None,
+        ring_bytes: int = 128 << 20,
         min_slot_bytes: int = 1 << 20,
         hwm: int = 64,
         reclaim_age: float = 2.0,
@@ -118,11 +133,16 @@ class Publisher:
         self.strict_timeout = strict_timeout
         self.close_timeout = strict_timeout if strict else close_timeout
         self.ring_slots = ring_slots
+        self.ring_bytes = ring_bytes
         self.min_slot_bytes = min_slot_bytes
         self.reclaim_age = reclaim_age
         self.limits = limits
         self.stats = PublisherStats()
         self._lock = threading.Lock()
+        self._viewer_pid: int | None = None
+        if "://" not in self.endpoint.name and lookup_endpoint(self.endpoint.name) is not None:
+            self._viewer_pid = registered_pid(self.endpoint.name)
+            connect_timeout = max(connect_timeout, viewer_wait)
         self._connect_deadline = time.monotonic() + connect_timeout
         if transport == "shm":
             sweep_stale_segments()
@@ -223,7 +243,7 @@ class Publisher:
         if link.subscribers == 0:
             now = time.monotonic()
             deadline = now + self.strict_timeout if self.strict else self._connect_deadline
-            if now >= deadline or not link.wait_subscribed(deadline):
+            if now >= deadline or not self._wait_for_viewer(link, deadline):
                 return self._drop(NO_VIEWER)
             self._connect_deadline = 0.0  # wait once, at the start, never again
         patience = self.strict_timeout if self.strict else self.send_timeout
@@ -258,12 +278,23 @@ class Publisher:
         self.stats.bytes_sent += nbytes
         return True
 
+    def _wait_for_viewer(self, link: Link, deadline: float) -> bool:
+        """Wait for the subscription, but stop at once if the registered viewer process dies."""
+        while True:
+            if link.wait_subscribed(min(deadline, time.monotonic() + 0.05)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if self._viewer_pid is not None and not pid_alive(self._viewer_pid):
+                return False
+
     def _new_ring(self, old: ShmRing | None, nbytes: int) -> ShmRing:
         """Created on first use, sized for the frames actually sent; replaced by a bigger one
         (never a smaller one) only while nothing is in flight, so no header points at it."""
         if old is not None:
             old.close()
-        return ShmRing(max(align(nbytes), self.min_slot_bytes), self.ring_slots,
+        slot_bytes = max(align(nbytes), self.min_slot_bytes)
+        return ShmRing(slot_bytes, self.ring_slots or _auto_slots(slot_bytes, self.ring_bytes),
                        reclaim_age=self.reclaim_age)
 
     def _push(self, link: Link, header: bytes, pixels: memoryview | None,
@@ -317,3 +348,11 @@ class Publisher:
                 f"dropped={self.stats.dropped})")
 
 
+def _auto_slots(slot_bytes: int, budget: int) -> int:
+    """Enough slots to absorb a stall, within the budget and what ``/dev/shm`` can hold."""
+    try:
+        st = os.statvfs("/dev/shm")
+        budget = min(budget, st.f_bavail * st.f_frsize // 4)
+    except OSError:  # no /dev/shm (macOS): the budget alone
+        pass
+    return max(4, min(1024, budget // slot_bytes))
