@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from napari_hcs_stream.endpoints import pid_alive
+
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "hcs_"
 
@@ -22,15 +24,7 @@ def _owner_alive(name: str) -> bool:
         pid = int(name.split("_")[1])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid():
-        return False  # ours: it counts
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != os.getpid() and pid_alive(pid)  # our own segments always count
 
 
 def our_segments() -> set[str]:
@@ -69,10 +63,7 @@ def shm_clean() -> Iterator[None]:
     except AssertionError:
         leaked = sorted(our_segments() - before)
         for name in leaked:  # do not let one leak fail every later test too
-            try:
-                os.unlink(SHM_DIR / name)
-            except FileNotFoundError:
-                pass
+            (SHM_DIR / name).unlink(missing_ok=True)
         pytest.fail(f"shared-memory segments leaked: {leaked}")
 
 

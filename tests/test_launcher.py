@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import wait_until
 from napari_hcs_stream.demo import denoise, illumination_correct, segment_nuclei
 from napari_hcs_stream.publisher import (
     MaterializationConfig,
@@ -25,8 +26,6 @@ from napari_hcs_stream.publisher import (
     run_pipeline,
 )
 from napari_hcs_stream.publisher.viewer import ViewerManager
-
-from conftest import wait_until
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
@@ -109,7 +108,7 @@ def test_second_run_reuses_the_persistent_viewer(endpoint_name: str, tmp_path: P
         for _ in range(2):
             compiled = compile_pipeline(_pipeline(endpoint_name, tmp_path, persistent=True))
             # the runner reuses the viewer and flushes it: when it returns, all is shown
-            result = run_pipeline(compiled, plate, executor=ThreadPoolExecutor(1))
+            run_pipeline(compiled, plate, executor=ThreadPoolExecutor(1))
             runs.append(compiled.run_id)
             shown = [la for la in second.state()["layers"] if la["run"] == compiled.run_id]
             assert sum(la["frames"] for la in shown) == 6 * 2, shown  # DAPI + labels
@@ -142,7 +141,8 @@ def test_concurrent_start_viewer_launches_one(endpoint_name: str):
         assert sum(info.launched for info in infos) == 1
         assert len({info.pid for info in infos}) == 1
     finally:
-        owner = next(m for m, i in zip(managers, infos) if i is not None and i.launched)
+        owner = next(m for m, i in zip(managers, infos, strict=True)
+                     if i is not None and i.launched)
         owner.stop_viewer(force=True)
         owner._process.wait(timeout=30)
 

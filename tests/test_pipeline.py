@@ -206,7 +206,8 @@ def test_compiled_pipeline_and_defaults(tmp_path):
     compiled = compile_pipeline(Pipeline("c", [Step("a", identity)], output_dir=tmp_path),
                                 run_id="fixed-run")
     with ThreadPoolExecutor(1) as ex:
-        result = run_pipeline(compiled, SyntheticPlate(n_wells=6, sites=1, size=16), executor=ex, viewers=False)
+        result = run_pipeline(compiled, SyntheticPlate(n_wells=6, sites=1, size=16), executor=ex,
+                              viewers=False)
     assert result.run_id == "fixed-run"
     assert (tmp_path / "fixed-run" / "a" / "A01_s1.npy").is_file()
     with pytest.raises(TypeError, match="pass them to compile_pipeline"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from conftest import wait_until
 from napari_hcs_stream.control import ControlServer, ReceiverControl, serve
 from napari_hcs_stream.endpoints import Endpoint, endpoint_to_bind
 from napari_hcs_stream.protocol import FrameHeader
@@ -179,11 +180,8 @@ def raw_xpub(address: str, receiver: Receiver | None = None, timeout: float = 10
 
 def poll_until(receiver: Receiver, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
     """Service a receiver owned by this thread until ``predicate`` holds (with a deadline)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        receiver.poll(10)
+
+    def serviced() -> Any:
+        return predicate() or (receiver.poll(10) and False)
+
+    return wait_until(serviced, timeout=timeout, interval=0, message=str(predicate))

@@ -79,13 +79,15 @@ def _otsu(values: np.ndarray) -> float:
 
 # -- the command -----------------------------------------------------------------------------
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", default="demo", help="viewer endpoint name (default: %(default)s)")
+    p.add_argument("--endpoint", default="demo",
+                   help="viewer endpoint name (default: %(default)s)")
     p.add_argument("--wells", type=int, default=96, help="plate size: 6..1536 (default: 96)")
     p.add_argument("--sites", type=int, default=3, help="sites per well (default: 3)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--stream-wells", default=None,
-                   help="which wells to stream: 24, 'A01:B12', 'row:C', 'col:03', ... (default: all)")
+                   help="which wells to stream: 24, 'A01:B12', 'row:C', 'col:03', ... "
+                        "(default: all)")
     p.add_argument("--output", default=None,
                    help="folder for materialized outputs (default: a temporary folder, removed)")
     p.add_argument("--screenshot", default=None, metavar="PATH",
@@ -105,7 +107,8 @@ def build_pipeline(args: argparse.Namespace, output: Path):  # type: ignore[no-u
     )
     steps = [
         Step("illumination", illumination_correct,
-             materialization=MaterializationConfig(backend="disk", output_dir=output / "checkpoints"),
+             materialization=MaterializationConfig(backend="disk",
+                                                   output_dir=output / "checkpoints"),
              streaming=NapariStreamingConfig()),
         Step("denoise", denoise, streaming=NapariStreamingConfig()),
         Step("segmentation", segment_nuclei, backend="disk", kind="labels",

@@ -425,3 +425,110 @@ def decode_control(
         raise _fail(f"unknown command {_show(cmd)} (expected one of "
                     f"{', '.join(sorted(commands))})")
     return obj
+
+
+# -- the receiver's fast path -----------------------------------------------------------------
+#: members a cached static part may hold, and the only members its tail may hold.
+_STATIC_KEYS = frozenset({"hcs", "type", "producer", "run", "seq", "source", "kind", "dtype",
+                          "shape", "rgb"})
+_TAIL_KEYS = frozenset({"coords", "meta", "pixels"})
+_SEQ_AT, _COORDS_AT = b',"seq":', b',"coords":'
+_new = object.__new__
+
+
+class HeaderDecoder:
+    """:func:`decode_message` with the static part of a producer's headers validated once.
+
+    A publisher's header is ``<start>,"seq":<digits><middle>,"coords":<tail>`` where
+    ``<start>`` and ``<middle>`` (version, producer, run, source, kind, dtype, shape, rgb) do
+    not change between frames of one stream. The first header of each such pair of byte
+    strings goes through :func:`decode_message`; when the pair provably holds only those
+    members, each once, with the sequence number at the top level, and the tail only coords,
+    meta and pixels, the validated static fields are kept under the exact bytes. A later
+    header with the same bytes then only has its seq digits and its tail parsed and checked
+    (coords, meta, pixels: every field, as in :func:`decode_message`). Anything else, and any
+    header the fast path cannot accept as it is, goes through :func:`decode_message`, so the
+    result and every rejection (with its reason) are exactly what it would give.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, max_entries: int = 256) -> None:
+        self.limits = limits
+        self.max_entries = max_entries
+        self._cache: dict[tuple[bytes, bytes], tuple[dict[str, Any], int]] = {}
+
+    def decode(self, frame0: bytes, nframes: int | None = None) -> FrameHeader | Bye:
+        if type(frame0) is not bytes:
+            return decode_message(frame0, self.limits, nframes)
+        i = frame0.find(_SEQ_AT)
+        k = frame0.find(b",", i + 7) if i > 0 else -1
+        j = frame0.find(_COORDS_AT, k) if k > 0 else -1
+        if j < 0:
+            return decode_message(frame0, self.limits, nframes)
+        key = (frame0[:i], frame0[k:j])
+        entry = self._cache.get(key)
+        if entry is not None:
+            h = self._fast(frame0, entry, frame0[i + 7:k], j, nframes)
+            return decode_message(frame0, self.limits, nframes) if h is None else h
+        msg = decode_message(frame0, self.limits, nframes)
+        if type(msg) is FrameHeader and self._cacheable(key, frame0[j + 1:]):
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+            static = dict(msg.__dict__)
+            self._cache[key] = (static, msg.nbytes)
+        return msg
+
+    def _fast(self, frame0: bytes, entry: tuple[dict[str, Any], int], digits: bytes, j: int,
+              nframes: int | None) -> FrameHeader | None:
+        """The header, or None for anything out of the ordinary (the slow path decides)."""
+        if (len(frame0) > self.limits.max_header_bytes or not digits.isdigit()
+                or len(digits) > 19 or (digits[0] == 48 and len(digits) > 1)):  # 48: b"0"
+            return None
+        seq = int(digits)
+        if seq > _MAX_SEQ:
+            return None
+        try:
+            text = "{" + frame0[j + 1:].decode()
+            obj, end = _scan(text, 0)
+        except (StopIteration, UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        if (end != len(text) and text[end:].strip()) or type(obj) is not dict \
+                or not obj.keys() <= _TAIL_KEYS:
+            return None
+        meta = obj.get("meta")
+        if meta is None:
+            meta = {}
+        elif type(meta) is not dict:
+            return None
+        try:
+            coords = _coords(obj.get("coords", _EMPTY), self.limits)
+            pixels = _pixels(obj.get("pixels"), entry[1], nframes)
+        except ProtocolError:
+            return None
+        h = _new(FrameHeader)  # what FrameHeader(...) builds, without a frozen __init__
+        fields = h.__dict__
+        fields.update(entry[0])
+        fields["seq"], fields["coords"], fields["meta"], fields["pixels"] = (
+            seq, coords, meta, pixels)
+        return cast(FrameHeader, h)
+
+    @staticmethod
+    def _cacheable(key: tuple[bytes, bytes], tail: bytes) -> bool:
+        """Whether ``key`` holds static members only, each once, seq at the top level."""
+        for sentinel in (0, 1):
+            try:
+                pairs = json.loads(key[0] + b',"seq":%d' % sentinel + key[1] + b"}",
+                                   object_pairs_hook=list)
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                return False
+            if type(pairs) is not list:
+                return False
+            names = [p[0] for p in pairs]
+            seqs = [p[1] for p in pairs if p[0] == "seq"]
+            if (len(set(names)) != len(names) or not _STATIC_KEYS.issuperset(names)
+                    or seqs != [sentinel] or type(seqs[0]) is not int):
+                return False
+        try:
+            obj = json.loads(b"{" + tail)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return False
+        return type(obj) is dict and obj.keys() <= _TAIL_KEYS

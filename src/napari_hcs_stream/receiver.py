@@ -35,10 +35,10 @@ from .protocol import (
     DEFAULT_LIMITS,
     Bye,
     FrameHeader,
+    HeaderDecoder,
     Limits,
     ProtocolError,
     ShmRef,
-    decode_message,
 )
 from .ring import RingReader, TornRead, sweep_stale_segments
 
@@ -127,6 +127,7 @@ class Receiver:
         self._registered = False
         self._inode: int | None = None
         self._dtypes: dict[str, tuple[np.dtype, np.dtype]] = {}
+        self._decoder = HeaderDecoder(self.limits)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def bind(self, control_address: str | None = None) -> Endpoint:
@@ -214,8 +215,11 @@ class Receiver:
         """One message; True when a frame was copied into place (or a Bye was taken)."""
         head = frames[0]
         raw = head.bytes if isinstance(head, zmq.Frame) else head
+        decoder = self._decoder
+        if decoder.limits is not self.limits:  # limits replaced: forget what was validated
+            decoder = self._decoder = HeaderDecoder(self.limits)
         try:
-            msg = decode_message(raw, self.limits, len(frames))
+            msg = decoder.decode(raw, len(frames))
         except ProtocolError as exc:
             self._reject(exc.producer or UNKNOWN, str(exc), exc.seq)
             return False

@@ -503,12 +503,12 @@ def run_pipeline(
             executor.shutdown(wait=True, cancel_futures=True)
     for paths in written.values():
         paths.sort()
-    result = RunResult(run_id=compiled.run_id, n_tasks=len(tasks), written=written,
-                       producers=producers, duration=time.monotonic() - start,
-                       unavailable=unavailable)
+    run_result = RunResult(run_id=compiled.run_id, n_tasks=len(tasks), written=written,
+                           producers=producers, duration=time.monotonic() - start,
+                           unavailable=unavailable)
     for manager in managers:
-        _finish_viewer(manager, result)
-    return result
+        _finish_viewer(manager, run_result)
+    return run_result
 
 
 def _start_viewers(compiled: CompiledPipeline) -> list[Any]:

@@ -173,7 +173,8 @@ class ViewerManager:
     def flush(self, until: Mapping[str, int], timeout: float = 60.0) -> dict[str, Any]:
         """Return once everything the producers in ``until`` sent is in the viewer's layers."""
         try:
-            return self.request("flush", timeout=timeout + 2.0, until=dict(until), timeout_s=timeout)
+            return self.request("flush", timeout=timeout + 2.0, until=dict(until),
+                                timeout_s=timeout)
         except TimeoutError as exc:
             log.warning("flush: %s", exc)
             return {"ok": False, "error": str(exc)}
