@@ -115,7 +115,7 @@ class Publisher:
         close_timeout: float = 1.0,
         ring_slots: int | None = None,
         ring_bytes: int = 128 << 20,
-        min_slot_bytes: int = 64 << 10,
+        min_slot_bytes: int = 1 << 20,
         hwm: int = 64,
         reclaim_age: float = 2.0,
         limits: Limits = DEFAULT_LIMITS,
