@@ -14,6 +14,7 @@ from napari_hcs_stream.protocol import (
     Coords,
     FrameHeader,
     FrameRef,
+    HeaderDecoder,
     Limits,
     ProtocolError,
     ShmRef,
@@ -215,3 +216,85 @@ def test_control_round_trip_and_errors() -> None:
         decode_control(encode_control({"error": "x"}), reply=True)
     with pytest.raises(ProtocolError, match="not valid"):
         decode_control(b"\x80\x04\x95")  # a pickle is just garbage here
+
+
+# -- the receiver's cache of validated static header parts ------------------------------------
+START = (b'{"hcs":[1,0],"type":"frame","producer":"host:1:abcd","run":"run-1","seq":%d,'
+         b'"source":"nuclei","kind":"image","dtype":"uint16","shape":[512,512],"rgb":false,')
+TAIL = (b'"coords":{"well":"B03","z":%d},"meta":{"um":0.65},"pixels":{"shm":{"segment":'
+        b'"hcs_123_0123abcd","offset":4096,"nbytes":524288,"slot":0,"generation":%d}}}')
+
+
+def published(seq: int, z: int = 4, gen: int = 2, tail: bytes | None = None) -> bytes:
+    """A header laid out as the Publisher lays it out."""
+    return START % seq + (TAIL % (z, gen) if tail is None else tail)
+
+
+def test_cached_static_part_gives_what_decode_message_gives() -> None:
+    decoder = HeaderDecoder()
+    for seq in range(5):
+        data = published(seq, z=seq, gen=2 * seq)
+        got = decoder.decode(data, 1)
+        assert got == decode_message(data, DEFAULT_LIMITS, 1)
+        assert isinstance(got, FrameHeader) and got.seq == seq and got.coords.z == seq
+        assert got.__dict__ == FrameHeader(**got.__dict__).__dict__
+    assert len(decoder._cache) == 1  # learnt from the first, used by the others
+    assert decoder.decode(encode_bye(Bye("p", 3))) == Bye("p", 3)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (published(1, tail=b'"coords":{"well":"B3x"},"meta":{},"pixels":{"frame":1}}'),
+     "coords 'well' must be a well name"),
+    (published(1, gen=3), "generation' 3 is odd"),
+    (published(1, tail=b'"coords":{},"meta":[],"pixels":{"frame":1}}'),
+     "'meta' must be a JSON object"),
+    (published(1, tail=b'"coords":{},"meta":{},"pixels":{"frame":5}}'),
+     "frame 5 but the message has only 1"),
+    (published(1, tail=b'"coords":{},"meta":{},"pixels":{"shm":{"segment":"../etc","offset"'
+                       b':4096,"nbytes":524288,"slot":0,"generation":2}}}'), "'segment' must"),
+    (published(1, tail=b'"coords":{},"meta":{},"pixels":{"shm":{"segment":"hcs_123_0123abcd",'
+                       b'"offset":4096,"nbytes":8,"slot":0,"generation":2}}}'),
+     "'nbytes' is 8 but dtype and shape need 524288"),
+    (published(1, tail=b'"coords":{},"meta":{},"pixels":{"frame":1},"dtype":"complex64"}'),
+     "'dtype' must be one of"),
+    (published(1, tail=b'"coords":{},"meta":{},"pixels":{"frame":1},"shape":[0,1]}'),
+     "each side in 'shape'"),
+    (published(1) + b" x", "not valid UTF-8 JSON"),
+    (published(1)[:-1], "not valid UTF-8 JSON"),
+    (published(1)[:-4] + b"\xff}}}", "not valid UTF-8 JSON"),
+    (START.replace(b"%d", b"01") + TAIL % (4, 2), "not valid UTF-8 JSON"),
+    (START.replace(b"%d", b"-1") + TAIL % (4, 2), "'seq' must be between"),
+    (START.replace(b"%d", b"1.0") + TAIL % (4, 2), "'seq' must be an integer"),
+    (published(2**63), "'seq' must be between"),
+    (published(1) + b" " * DEFAULT_LIMITS.max_header_bytes, "more than the limit"),
+])
+def test_cached_static_part_with_a_bad_tail_is_rejected(data: bytes, message: str) -> None:
+    decoder = HeaderDecoder()
+    decoder.decode(published(0), 1)
+    assert decoder._cache
+    with pytest.raises(ProtocolError, match=message) as info:
+        decoder.decode(data, 1)
+    with pytest.raises(ProtocolError) as slow:
+        decode_message(data, DEFAULT_LIMITS, 1)
+    assert str(info.value) == str(slow.value)
+    assert (info.value.producer, info.value.seq) == (slow.value.producer, slow.value.seq)
+
+
+def test_a_tail_may_override_nothing_that_was_cached() -> None:
+    """JSON's last duplicate wins: a tail repeating a static member is decoded in full."""
+    decoder = HeaderDecoder()
+    decoder.decode(published(0), 1)
+    data = published(1, tail=b'"coords":{},"meta":{},"pixels":{"frame":1},"kind":"labels"}')
+    got = decoder.decode(data, 2)
+    assert isinstance(got, FrameHeader) and got.kind == "labels"
+    assert got == decode_message(data, DEFAULT_LIMITS, 2)
+
+
+def test_static_parts_that_are_not_plain_are_never_cached() -> None:
+    decoder = HeaderDecoder()
+    twice = published(0).replace(b'"rgb":false,', b'"rgb":false,"kind":"labels",')
+    nested = published(0).replace(b'"run":"run-1",', b'"run":"run-1","x":{"a":1},')
+    for data in (twice, nested, published(0, tail=b'"coords":{},"meta":{},"pixels":{"frame":'
+                                                 b'1},"extra":1}')):
+        assert decoder.decode(data, 2) == decode_message(data, DEFAULT_LIMITS, 2)
+    assert not decoder._cache

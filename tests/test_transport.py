@@ -427,3 +427,46 @@ def test_the_callers_mistakes_raise_before_anything_is_sent(
         assert pub.publish(np.zeros((4, 4), np.uint8), site=np.int64(2)) is False  # no viewer
     with pytest.raises(RuntimeError, match="closed Publisher"):
         pub.publish(np.zeros((4, 4), np.uint8))
+
+
+def _io_thread_policies() -> list[int]:
+    policies = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith("ZMQbg/IO"):
+                policies.append(os.sched_getscheduler(int(task.name)))
+        except OSError:  # the thread has just exited
+            continue
+    return policies
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH") or not Path("/proc/self/task").is_dir(),
+                    reason="Linux scheduling policies")
+def test_data_context_io_thread_batches_unless_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zmq
+
+    from napari_hcs_stream import _context
+
+    ctx = _context.data_context()
+    sock = ctx.socket(zmq.PUSH)  # the I/O thread starts with the first socket
+    try:
+        if _context._batch_allowed and os.sched_getscheduler(0) == os.SCHED_OTHER:
+            # the new thread names itself and applies the policy on its own: wait for it
+            wait_until(lambda: os.SCHED_BATCH in _io_thread_policies(), timeout=5.0)
+    finally:
+        sock.close(0)
+        ctx.term()
+    # a sandbox that refuses the switch: a plain context (libzmq would abort otherwise)
+    monkeypatch.setattr(_context, "_batch_allowed", None)
+
+    def refuse(*args: Any) -> None:
+        raise PermissionError("not here")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    ctx = _context.data_context()
+    sock = ctx.socket(zmq.PUSH)  # would abort the process if the policy had been asked for
+    try:
+        assert _context._batch_allowed is False
+    finally:
+        sock.close(0)
+        ctx.term()

@@ -22,6 +22,7 @@ from typing import Any, cast
 import numpy as np
 import zmq
 
+from ._context import data_context
 from .endpoints import (
     Endpoint,
     endpoint_to_bind,
@@ -138,7 +139,7 @@ class Receiver:
         """
         want = endpoint_to_bind(self.endpoint_spec)
         prepare_ipc_bind(want.data)
-        ctx = self._context = self._context or zmq.Context()
+        ctx = self._context = self._context or data_context()
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)

@@ -116,13 +116,17 @@ class ShmRing:
     def _scan(self) -> int | None:
         ctrl = self._ctrl
         assert ctrl is not None, "the ring is closed"
-        n = self.nslots
-        for k in range(n):
-            i = (self._cursor + k) % n
-            if self._usable(i, ctrl):
-                self._state[i] = _RESERVED
-                self._cursor = (i + 1) % n
+        n, state, i = self.nslots, self._state, self._cursor
+        for _ in range(n):
+            s = state[i]
+            # the common cases inline (free, or copied out by the receiver); the rest decided
+            # by _usable (which also reclaims a slot held too long)
+            if s == _FREE or (s == _IN_FLIGHT and ctrl[i * _WORDS + 1] == ctrl[i * _WORDS]) \
+                    or self._usable(i, ctrl):
+                state[i] = _RESERVED
+                self._cursor = i + 1 if i + 1 < n else 0
                 return i
+            i = i + 1 if i + 1 < n else 0
         return None
 
     def acquire(self, timeout: float = 0.0) -> int | None:

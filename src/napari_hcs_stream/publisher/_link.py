@@ -12,6 +12,7 @@ from typing import cast
 
 import zmq
 
+from .._context import data_context
 from ..endpoints import Endpoint
 from ..protocol import Bye, encode_bye
 from ..ring import ShmRing
@@ -23,7 +24,7 @@ class Link:
     def __init__(self, endpoint: Endpoint, producer: str, hwm: int, linger_ms: int) -> None:
         self.pid = os.getpid()
         self.producer = producer
-        self.context = zmq.Context()
+        self.context = data_context()  # I/O thread under SCHED_BATCH where possible
         sock = self.context.socket(zmq.XPUB)
         sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscribe, so counting works
