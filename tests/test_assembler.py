@@ -78,8 +78,8 @@ def test_sparse_24_well_plate_routes_channels_to_layers_and_wells_sites_to_slide
                 sent[(w, site, ch)] = value
 
     updates = by_name(asm.take_updates())
-    assert set(updates) == {"out DAPI [r1]", "out GFP [r1]", "out Cy5 [r1]"}
-    for ch, name in enumerate(["out DAPI [r1]", "out GFP [r1]", "out Cy5 [r1]"]):
+    assert set(updates) == {"DAPI · out [r1]", "GFP · out [r1]", "Cy5 · out [r1]"}
+    for ch, name in enumerate(["DAPI · out [r1]", "GFP · out [r1]", "Cy5 · out [r1]"]):
         u = updates[name]
         assert u.new and not u.grew and not u.removed
         assert u.kind == "image" and not u.rgb
@@ -94,8 +94,8 @@ def test_sparse_24_well_plate_routes_channels_to_layers_and_wells_sites_to_slide
                 expected = sent.get((w, site, ch), 0)  # blank where missing, never an error
                 assert (plane == expected).all(), (w, site, ch)
     info = {i.name: i for i in asm.layers()}
-    assert info["out GFP [r1]"].shape == (12, 2, 1, 1, 1, 4, 4)
-    assert info["out GFP [r1]"].channel == 1
+    assert info["GFP · out [r1]"].shape == (12, 2, 1, 1, 1, 4, 4)
+    assert info["GFP · out [r1]"].channel == 1
 
 
 def test_indices_are_global_in_arrival_order_across_layers_and_runs(asm):
@@ -204,16 +204,16 @@ def test_dtype_rgb_and_ndim_differences_split_layers(asm):
     put(asm, item("A04", 1, 0, shape=(2, 4, 4)), 4)
     put(asm, item("A05", 1, 0, dtype="float32"), 5.5)
     u = by_name(asm.take_updates())
-    assert set(u) == {"out DAPI [r1]", "out DAPI (uint8) [r1]", "out DAPI (uint8 rgb) [r1]",
-                      "out DAPI (uint16 3-D) [r1]", "out DAPI (float32) [r1]"}
-    rgb = u["out DAPI (uint8 rgb) [r1]"]
+    assert set(u) == {"DAPI · out [r1]", "DAPI (uint8) · out [r1]", "DAPI (uint8 rgb) · out [r1]",
+                      "DAPI (uint16 3-D) · out [r1]", "DAPI (float32) · out [r1]"}
+    rgb = u["DAPI (uint8 rgb) · out [r1]"]
     assert rgb.rgb and rgb.data.shape == (3, 1, 1, 1, 1, 4, 4, 3)
     assert rgb.axis_labels == (*STACK_AXES, "y", "x") and rgb.colormap is None
     assert rgb.contrast_limits is None  # napari's rgb defaults are right
-    vol = u["out DAPI (uint16 3-D) [r1]"]
+    vol = u["DAPI (uint16 3-D) · out [r1]"]
     assert vol.axis_labels == (*STACK_AXES, "plane", "y", "x")
     assert vol.data.shape == (4, 1, 1, 1, 1, 2, 4, 4) and (vol.data[3] == 4).all()
-    assert u["out DAPI (float32) [r1]"].data.dtype == np.float32
+    assert u["DAPI (float32) · out [r1]"].data.dtype == np.float32
     assert len({x.colormap for x in u.values() if not x.rgb}) == 1  # one channel, one colour
 
 
@@ -240,7 +240,7 @@ def test_producer_meta_modes_stack_channels_for_that_group_only(asm):
     assert stacked.metadata["channel"] is None
     assert [int(stacked.data[0, 0, c, 0, 0, 0, 0]) for c in range(3)] == [1, 2, 3]
     assert asm.label_text("stacked [r1]", (0, 0, 2, 0, 0)) == "Well A01 | Site 1 | Cy5"
-    assert {"layered DAPI [r1]", "layered GFP [r1]", "layered Cy5 [r1]"} <= set(u)
+    assert {"DAPI · layered [r1]", "GFP · layered [r1]", "Cy5 · layered [r1]"} <= set(u)
     # later meta does not change a group that already exists
     put(asm, item("A01", 1, 0, source="layered", meta={"modes": {"channel": "stack"}}), 9)
     assert "layered [r1]" not in by_name(asm.take_updates())
@@ -263,7 +263,7 @@ def test_constructor_and_set_modes():
     put(asm, item("B03", 1, 0), 1)
     put(asm, item("B04", 1, 1), 2)
     names = {u.name for u in asm.take_updates()}
-    assert names == {"out B03 [r1]", "out B04 [r1]"}
+    assert names == {"B03 · out [r1]", "B04 · out [r1]"}
     asm.set_modes({"well": "STACK"})  # applies to groups that appear from now on
     put(asm, item("B03", 1, 0, source="new"), 1)
     put(asm, item("B04", 1, 0, source="new"), 1)
@@ -332,7 +332,7 @@ def test_updates_coalesce_and_carry_new_grew_removed(asm):
 
     asm.clear()
     removed = asm.take_updates()
-    assert {u.name for u in removed} == {"out Channel 0 [r1]", "out Channel 1 [r1]"}
+    assert {u.name for u in removed} == {"Channel 0 · out [r1]", "Channel 1 · out [r1]"}
     assert all(u.removed and u.data is None for u in removed)
     assert asm.take_updates() == []
 
@@ -411,7 +411,7 @@ def test_label_text_at_several_positions(asm):
             for z in (3, 4):
                 put(asm, item(w, site, 0, z=z, meta=NAMES), 1)
     put(asm, item("C05", source="nosite", meta=NAMES), 1)
-    name = "out DAPI [r1]"
+    name = "DAPI · out [r1]"
     assert asm.label_text(name, (1, 1, 0, 0, 1)) == "Well B03 | Site 2 | DAPI | Z 4"
     assert asm.label_text(name, (0, 0, 0, 0, 0)) == "Well A01 | Site 1 | DAPI | Z 3"
     assert asm.label_text(name, (0, 0, 0, 0, 0, 17, 3)) == "Well A01 | Site 1 | DAPI | Z 3"
@@ -427,7 +427,7 @@ def test_label_text_for_stacked_t_and_layered_z():
     asm = PlateAssembler(modes={"z": "layer"}, max_bytes=1 << 20)
     for t in range(3):
         put(asm, item("A01", channel="GFP", z=2, t=t), 1)
-    assert asm.label_text("out GFP z 2 [r1]", (0, 0, 0, 2, 0)) == "Well A01 | GFP | T 2 | Z 2"
+    assert asm.label_text("GFP z 2 · out [r1]", (0, 0, 0, 2, 0)) == "Well A01 | GFP | T 2 | Z 2"
 
 
 def test_colormaps_from_meta_names_and_cycle(asm):
@@ -440,10 +440,10 @@ def test_colormaps_from_meta_names_and_cycle(asm):
     put(asm, item("A01", channel="640 nm", source="b"), 1)
     cmaps = {u.name: u.colormap for u in asm.take_updates()}
     assert cmaps == {
-        "out Hoechst 33342 [r1]": "blue", "out Alexa 488 [r1]": "green",
-        "out mCherry [r1]": "I Orange", "out Cy5 [r1]": "red", "out brightfield [r1]": "gray",
-        "out mito [r1]": "cyan", "out actin [r1]": "magenta",
-        "b TRITC [r1]": "magenta", "b 640 nm [r1]": "red",
+        "Hoechst 33342 · out [r1]": "blue", "Alexa 488 · out [r1]": "green",
+        "mCherry · out [r1]": "I Orange", "Cy5 · out [r1]": "red", "brightfield · out [r1]": "gray",
+        "mito · out [r1]": "cyan", "actin · out [r1]": "magenta",
+        "TRITC · b [r1]": "magenta", "640 nm · b [r1]": "red",
     }
 
 
@@ -529,14 +529,14 @@ def test_writer_thread_and_main_thread_updates_concurrently():
     while not done.is_set():
         for u in asm.take_updates():
             apply(u)
-        asm.label_text("out Channel 0 [r1]", (5, 0, 0, 0, 0))
+        asm.label_text("Channel 0 · out [r1]", (5, 0, 0, 0, 0))
         asm.state()
     thread.join()
     assert not errors, errors
     for u in asm.take_updates():
         apply(u)
-    assert set(shown) == {"out Channel 0 [r1]", "out Channel 1 [r1]"}
-    for ch, name in enumerate(["out Channel 0 [r1]", "out Channel 1 [r1]"]):
+    assert set(shown) == {"Channel 0 · out [r1]", "Channel 1 · out [r1]"}
+    for ch, name in enumerate(["Channel 0 · out [r1]", "Channel 1 · out [r1]"]):
         data = shown[name]
         assert data.shape == (96, 2, 1, 1, 1, 8, 8)
         for i in range(96):
@@ -568,3 +568,12 @@ def test_sparse_growth_copies_every_written_slot():
     assert u.data.shape[WELL] == 11
     for i, w in enumerate(wells[:11]):
         assert (u.data[i] == written.get(w, 0)).all(), w
+
+
+def test_generated_run_ids_show_as_name_and_time():
+    from napari_hcs_stream.assembler import run_label
+
+    assert run_label("demo-20261125-173422-2810ed") == "demo 17:34:22"
+    assert run_label("run-20261125-090501-ab12") == "run 09:05:01"
+    assert run_label("plate-7") == "plate-7"  # a user's own id is shown as given
+    assert run_label("x-2026-1-2-ab") == "x-2026-1-2-ab"

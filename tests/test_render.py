@@ -40,8 +40,8 @@ def test_new_layers_have_shapes_labels_and_colours(viewer, assembler, tick):
     put(assembler, plane(20), well="B03", site=2, channel="DAPI")
     put(assembler, plane(30), well="A01", site=1, channel="GFP")
     tick.tick()
-    assert sorted(tick.streamed()) == ["out DAPI [run1]", "out GFP [run1]"]
-    dapi = layer_named(viewer, "out DAPI [run1]")
+    assert sorted(tick.streamed()) == ["DAPI · out [run1]", "GFP · out [run1]"]
+    dapi = layer_named(viewer, "DAPI · out [run1]")
     assert dapi.data.shape == (2, 2, 1, 1, 1, 32, 48)
     assert tuple(dapi.axis_labels) == (*STACK_AXES, "y", "x")
     assert tuple(viewer.dims.axis_labels) == (*STACK_AXES, "y", "x")
@@ -49,7 +49,7 @@ def test_new_layers_have_shapes_labels_and_colours(viewer, assembler, tick):
     assert str(dapi.blending) == "additive"
     assert dapi.metadata["hcs_stream"]["run"] == "run1"
     assert int(dapi.data[1, 1, 0, 0, 0, 0, 0]) == 20
-    assert int(layer_named(viewer, "out GFP [run1]").data[0, 0, 0, 0, 0, 5, 5]) == 30
+    assert int(layer_named(viewer, "GFP · out [run1]").data[0, 0, 0, 0, 0, 5, 5]) == 30
 
 
 def test_in_place_writes_refresh_only_the_visible_slice(viewer, assembler, tick):
@@ -74,7 +74,7 @@ def test_in_place_writes_refresh_only_the_visible_slice(viewer, assembler, tick)
 def test_user_contrast_and_colormap_survive_updates(viewer, assembler, tick):
     put(assembler, plane(100), well="A01", channel="DAPI")
     tick.tick()
-    layer = layer_named(viewer, "out DAPI [run1]")
+    layer = layer_named(viewer, "DAPI · out [run1]")
     layer.contrast_limits = (3, 4)  # the user
     layer.colormap = "magma"
     layer.opacity = 0.5
@@ -84,7 +84,7 @@ def test_user_contrast_and_colormap_survive_updates(viewer, assembler, tick):
     assert tuple(layer.contrast_limits) == (3, 4)
     assert layer.colormap.name == "magma"
     assert layer.opacity == 0.5
-    assert tick.user_set_contrast("out DAPI [run1]")
+    assert tick.user_set_contrast("DAPI · out [run1]")
 
 
 def test_contrast_follows_the_assembler_until_the_user_touches_it(viewer, assembler, tick):

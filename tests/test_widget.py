@@ -92,7 +92,7 @@ def test_plate_from_two_producer_processes(docked, qtbot, runtime_dir):
         "flush", timeout=20, until={p: seq for p, seq, _ in done}, timeout_s=15)))
     assert reply["ok"], reply
 
-    names = [f"plate {c} [plate1]" for c in CHANNELS]
+    names = [f"{c} · plate [plate1]" for c in CHANNELS]
     assert sorted(layer.name for layer in viewer.layers) == sorted(names)
     assert tuple(viewer.dims.axis_labels) == ("well", "site", "channel", "t", "z", "y", "x")
     assembler = widget.assembler

@@ -294,6 +294,19 @@ def _percentiles(samples: list[np.ndarray]) -> tuple[float, float] | None:
     return (lo, hi if hi > lo else lo + 1.0)  # napari needs lo < hi
 
 
+_GENERATED_RUN = re.compile(r"^(?P<name>.+)-\d{8}-(?P<h>\d\d)(?P<m>\d\d)(?P<s>\d\d)-[0-9a-f]{4,6}$")
+
+
+def run_label(run: str) -> str:
+    """A run id as a layer name shows it: ``demo-20261125-173422-2810ed`` -> ``demo 17:34:22``.
+
+    Generated ids (name, date, time, random hex) shorten to name and time of day; any other
+    id is shown as given. The full id stays in the layer's metadata.
+    """
+    m = _GENERATED_RUN.match(run)
+    return f"{m['name']} {m['h']}:{m['m']}:{m['s']}" if m else run
+
+
 class PlateAssembler:
     """Plate stacks for streamed items; the listener thread writes, the main thread reads.
 
@@ -502,7 +515,7 @@ class PlateAssembler:
     def _add_layer(self, key: tuple[Any, ...], group: _Group, header: FrameHeader,
                    stack: np.ndarray) -> None:
         layer_values = key[3]
-        words = [header.source]
+        words: list[str] = []  # what tells this layer from its siblings: shown first
         for component, value in zip(
             (c for c, m in zip(STACK_AXES, group.layer_mask, strict=True) if m),
             layer_values,
@@ -522,10 +535,12 @@ class PlateAssembler:
             ndim, rgb, dtype, colours = key[4]
             shape_word = ("rgba" if colours == 4 else "rgb") if rgb else f"{ndim}-D"
             words.append(f"({dtype} {shape_word})" if rgb or ndim != 2 else f"({dtype})")
-        run = f" [{header.run}]" if header.run else ""
-        candidates = [words, [*words, "labels"]] if header.kind == "labels" else [words]
-        names = (" ".join(w) + run for w in candidates)
-        numbered = (" ".join(words) + f" #{n}" + run for n in itertools.count(2))
+        # napari elides long names in the middle: the distinguishing words lead, the run ends
+        lead = " ".join(words) + " · " if words else ""
+        run = f" [{run_label(header.run)}]" if header.run else ""
+        suffixes = ["", " labels"] if header.kind == "labels" else [""]
+        names = (f"{lead}{header.source}{sfx}{run}" for sfx in suffixes)
+        numbered = (f"{lead}{header.source} #{n}{run}" for n in itertools.count(2))
         name = next(n for n in itertools.chain(names, numbered) if n not in self._by_name)
         layer = _Layer(key, name, group, header, layer_values, stack)
         self._layers[key] = layer
