@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from multiprocessing.util import Finalize
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -398,8 +398,10 @@ def run_site(task: SiteTask) -> SiteResult:
 
 # -- the orchestrator ------------------------------------------------------------------------
 def _check_picklable(task: SiteTask) -> None:
+    """Serialise one task the way the process pool will (outbound only: nothing here is ever
+    loaded), so a lambda step fails now with advice instead of deep inside the pool."""
     try:
-        pickle.dumps(task)
+        ForkingPickler.dumps(task)
     except Exception as exc:
         raise TypeError(
             f"the pipeline cannot be sent to worker processes ({exc}); step functions must "
