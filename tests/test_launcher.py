@@ -15,12 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import wait_until
-from napari_hcs_stream.demo import denoise, illumination_correct, segment_nuclei
+from napari_hcs_stream.demo import build_pipeline
 from napari_hcs_stream.publisher import (
-    MaterializationConfig,
-    NapariStreamingConfig,
     Pipeline,
-    Step,
     SyntheticPlate,
     compile_pipeline,
     run_pipeline,
@@ -49,21 +46,8 @@ def viewer(endpoint_name: str):
 
 def _pipeline(endpoint: str, output: Path, well_filter: str | None = None,
               persistent: bool = False) -> Pipeline:
-    return Pipeline(
-        "test",
-        [
-            Step("illumination", illumination_correct,
-                 materialization=MaterializationConfig(backend="disk",
-                                                       output_dir=output / "ckpt"),
-                 streaming=NapariStreamingConfig()),
-            Step("denoise", denoise, streaming=NapariStreamingConfig()),
-            Step("segmentation", segment_nuclei, backend="disk", kind="labels",
-                 streaming=NapariStreamingConfig()),
-        ],
-        streaming=NapariStreamingConfig(endpoint=endpoint, persistent=persistent,
-                                        well_filter=well_filter),
-        output_dir=output,
-    )
+    return build_pipeline(endpoint, output, persistent=persistent, well_filter=well_filter,
+                          name="test")
 
 
 def _flush(manager: ViewerManager, result) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import __version__
-from .endpoints import ipc_inode, prepare_ipc_bind, remove_ipc_file
+from .endpoints import bind_socket, prepare_ipc_bind, remove_ipc_file
 from .protocol import (
     CONTROL_COMMANDS,
     DEFAULT_LIMITS,
@@ -85,14 +85,8 @@ class ControlServer:
         ctx = self._context = self._context or zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.bind(self.address)
-        except zmq.ZMQError as exc:
-            sock.close()
-            raise OSError(f"cannot bind the control address {self.address}: {exc}") from None
+        self.address, self._inode = bind_socket(sock, self.address, "bind the control address")
         self.socket = sock
-        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._inode = ipc_inode(self.address)
         return self.address
 
     def handle_pending(self) -> int:

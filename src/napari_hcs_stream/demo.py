@@ -21,8 +21,12 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .publisher import Pipeline
 
 CHANNELS = ("DAPI", "GFP", "RFP", "Cy5")
 COLORMAPS = {"DAPI": "blue", "GFP": "green", "RFP": "magenta", "Cy5": "red"}
@@ -96,13 +100,17 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="close the viewer at the end (for unattended runs, e.g. under xvfb-run)")
 
 
-def build_pipeline(args: argparse.Namespace, output: Path):  # type: ignore[no-untyped-def]
+def build_pipeline(
+    endpoint: str, output: Path, *, persistent: bool = True, well_filter: str | None = None,
+    name: str = "demo",
+) -> Pipeline:
+    """The demo's three steps: a streamed checkpoint, a memory-only step, streamed labels."""
     from .publisher import MaterializationConfig, NapariStreamingConfig, Pipeline, Step
 
     streaming = NapariStreamingConfig(
-        endpoint=args.endpoint,
-        persistent=not args.exit,
-        well_filter=args.stream_wells,
+        endpoint=endpoint,
+        persistent=persistent,
+        well_filter=well_filter,
         colormaps=COLORMAPS,
     )
     steps = [
@@ -114,7 +122,7 @@ def build_pipeline(args: argparse.Namespace, output: Path):  # type: ignore[no-u
         Step("segmentation", segment_nuclei, backend="disk", kind="labels",
              streaming=NapariStreamingConfig()),
     ]
-    return Pipeline("demo", steps, streaming=streaming, output_dir=output)
+    return Pipeline(name, steps, streaming=streaming, output_dir=output)
 
 
 class ProgressBar:
@@ -156,7 +164,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         plate = SyntheticPlate(n_wells=args.wells, sites=args.sites, channels=CHANNELS,
                                size=args.size)
-        compiled = compile_pipeline(build_pipeline(args, output))
+        compiled = compile_pipeline(build_pipeline(
+            args.endpoint, output, persistent=not args.exit, well_filter=args.stream_wells))
         print(f"napari-hcs-stream demo: run {compiled.run_id}, {args.wells} wells x "
               f"{args.sites} sites x {len(CHANNELS)} channels ({args.size}x{args.size})")
         for plan in compiled.steps:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from . import __version__
 from .protocol import PROTOCOL_VERSION
 
@@ -281,6 +283,21 @@ def prepare_ipc_bind(address: str) -> None:
         "endpoint name, or close that viewer"
     )
 
+
+
+def bind_socket(sock: zmq.Socket[Any], address: str, what: str) -> tuple[str, int | None]:
+    """Bind ``sock`` or close it and raise an ``OSError`` saying what could not ``what``.
+
+    Returns the address actually bound (an OS-chosen TCP port filled in) and, for ipc, the
+    socket file's inode (so cleanup only ever removes a file that is still ours).
+    """
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise OSError(f"cannot {what} {address}: {exc}") from None
+    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return bound, ipc_inode(bound)
 
 
 def ipc_inode(address: str) -> int | None:

@@ -25,8 +25,8 @@ import zmq
 from ._context import data_context
 from .endpoints import (
     Endpoint,
+    bind_socket,
     endpoint_to_bind,
-    ipc_inode,
     prepare_ipc_bind,
     register_endpoint,
     remove_ipc_file,
@@ -144,14 +144,8 @@ class Receiver:
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        try:
-            sock.bind(want.data)
-        except zmq.ZMQError as exc:
-            sock.close()
-            raise OSError(f"cannot listen on {want.data}: {exc}") from None
+        data, self._inode = bind_socket(sock, want.data, "listen on")
         self.socket = sock
-        data = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._inode = ipc_inode(data)
         self.endpoint = Endpoint(want.name, data, control_address or want.control)
         if not data.startswith(("tcp://127.", "tcp://[::1]", "ipc://", "inproc://")):
             log.warning("listening on %s: any host that reaches it can send frames "

@@ -346,27 +346,30 @@ class StreamWidget(QWidget):
         if run is None:
             self.show_error("")
 
-    def _on_clear_requested(self, run: str | None, token: Any) -> None:
+    def _answer(self, token: Any, action: str, do: Callable[[], dict[str, Any]]) -> None:
+        """Run a control request on the main thread and always answer the client."""
         listener = self.sender()
         try:
-            self.clear(run)
-            reply: dict[str, Any] = {"ok": True, "run": run}
+            reply = {"ok": True, **do()}
         except Exception as exc:  # answer the client whatever happens
-            log.exception("clear %r failed", run)
-            reply = {"ok": False, "error": f"clear failed: {exc}"}
+            log.exception("%s failed", action)
+            reply = {"ok": False, "error": f"{action} failed: {exc}"}
         if isinstance(listener, ListenerThread):
             listener.post_reply(token, reply)
 
+    def _on_clear_requested(self, run: str | None, token: Any) -> None:
+        def do() -> dict[str, Any]:
+            self.clear(run)
+            return {"run": run}
+
+        self._answer(token, "clear", do)
+
     def _on_screenshot_requested(self, path: str, canvas_only: bool, token: Any) -> None:
-        listener = self.sender()
-        try:
+        def do() -> dict[str, Any]:
             self.viewer.screenshot(path=path, canvas_only=canvas_only, flash=False)
-            reply: dict[str, Any] = {"ok": True, "path": path}
-        except Exception as exc:  # answer the client whatever happens
-            log.exception("screenshot to %s failed", path)
-            reply = {"ok": False, "error": f"screenshot failed: {exc}"}
-        if isinstance(listener, ListenerThread):
-            listener.post_reply(token, reply)
+            return {"path": path}
+
+        self._answer(token, "screenshot", do)
 
     def _closes_on_shutdown(self, asked: bool) -> bool:
         return self.owned or (asked and self.launched)
