@@ -41,7 +41,7 @@ from .protocol import (
     ProtocolError,
     ShmRef,
 )
-from .ring import RingReader, TornRead, sweep_stale_segments
+from .ring import RingReader, TornRead, copy_pixels, sweep_stale_segments
 
 log = logging.getLogger("napari_hcs_stream")
 
@@ -289,7 +289,7 @@ class Receiver:
                     raise ProtocolError(f"frame {pixels.index} holds {buf.nbytes} bytes but "
                                         f"dtype {h.dtype} and shape {list(shape)} need "
                                         f"{nbytes}")
-                np.copyto(dest, np.frombuffer(buf, dtypes[1]).reshape(shape))
+                copy_pixels(dest, np.frombuffer(buf, dtypes[1]).reshape(shape))
         except TornRead as exc:
             ps.torn += 1
             stats.torn += 1

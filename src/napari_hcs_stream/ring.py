@@ -51,6 +51,26 @@ def align(n: int, to: int = PAGE) -> int:
     return -(-n // to) * to
 
 
+def copy_pixels(dest: np.ndarray, src: np.ndarray) -> None:
+    """``np.copyto(dest, src)``, but without giving up the GIL for plain C-ordered buffers.
+
+    numpy releases the GIL around a large copy. In napari's process the main thread runs
+    Python most of the time (slicing, drawing), and a thread that gave the GIL up waits up to
+    the interpreter's switch interval (5 ms) to get it back: the listener's 50 us copy of a
+    512x512 frame then cost milliseconds, and ingest ran at a sixth of its speed
+    (``benchmarks/viewer.py``). A memoryview assignment is the same ``memcpy``, done holding
+    the GIL. Anything else (strides, byte swapping, casting) goes to numpy.
+    """
+    if (dest.dtype == src.dtype and dest.shape == src.shape and dest.flags.c_contiguous
+            and src.flags.c_contiguous and dest.flags.writeable):
+        try:
+            memoryview(dest).cast("B")[:] = memoryview(src).cast("B")
+            return
+        except (TypeError, ValueError, NotImplementedError):  # a format memoryview lacks
+            pass
+    np.copyto(dest, src, casting="equiv")
+
+
 def new_segment_name(pid: int | None = None) -> str:
     """``hcs_<pid>_<8 hex>``: the pid lets a sweeper tell a dead owner's leftovers apart."""
     return f"{SEGMENT_PREFIX}{os.getpid() if pid is None else pid}_{secrets.token_hex(4)}"
@@ -166,7 +186,7 @@ class ShmRing:
         gi = slot * _WORDS
         gen = ctrl[gi] + 1
         ctrl[gi] = gen  # odd: being written
-        np.copyto(view, array, casting="equiv")
+        copy_pixels(view, array)
         gen += 1
         ctrl[gi] = gen  # even: stable
         self._state[slot] = _IN_FLIGHT
@@ -312,7 +332,7 @@ class RingReader:
         ctrl, gi = m.ctrl, slot * _WORDS
         if ctrl[gi] != ref.generation:
             raise TornRead("overwritten before it was read")
-        np.copyto(dest, src)
+        copy_pixels(dest, src)
         if ctrl[gi] != ref.generation:
             raise TornRead("overwritten while copying")
         ctrl[gi + 1] = ref.generation  # consumed: the producer may reuse the slot

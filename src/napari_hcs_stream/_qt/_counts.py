@@ -2,6 +2,11 @@
 
 Rates are computed here, on the main thread, from successive status snapshots (the listener
 only counts), smoothed over about a second so the numbers are readable while they change.
+
+The number columns have fixed widths that only ever grow, measured from the text once. With
+Qt's ``ResizeToContents`` every changed cell made the view measure whole columns (font metrics
+of every row and the header): about 7 ms per status update, main-thread time taken from
+napari's redraws and, through the GIL, from the listener.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableW
 COLUMNS = ("producer", "frames/s", "received", "dropped", "torn", "rejected")
 COUNTS = ("received", "dropped", "torn", "rejected")
 TOTALS = "total"
+#: pixels around a cell's text (margins, grid line, the header's sort-indicator room).
+_PADDING = 18
 #: exponential smoothing of the rate (per second of elapsed time).
 _RATE_WINDOW_S = 1.0
 
@@ -35,8 +42,10 @@ class CountsTable(QTableWidget):
         if header is not None:
             header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
             for col in range(1, len(COLUMNS)):
-                header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+                header.setSectionResizeMode(col, QHeaderView.ResizeMode.Fixed)
+                header.resizeSection(col, self._text_width(COLUMNS[col]))
         self._last: dict[str, tuple[float, int]] = {}
+        self._longest: dict[int, int] = {}
         self.rates: dict[str, float] = {}
         self.rows: dict[str, dict[str, Any]] = {}
 
@@ -81,7 +90,25 @@ class CountsTable(QTableWidget):
             self.setItem(row, col, item)
         if item.text() != text:
             item.setText(text)
+            if col:
+                self._fit(col, text)
         if bold != item.font().bold():
             font = item.font()
             font.setBold(bold)
             item.setFont(font)
+
+    def _text_width(self, text: str) -> int:
+        return self.fontMetrics().horizontalAdvance(text) + _PADDING
+
+    def _fit(self, col: int, text: str) -> None:
+        """Widen a number column when a value outgrows it (never narrow it: no jitter)."""
+        header = self.horizontalHeader()
+        if header is None:
+            return
+        # only texts longer than any seen can be wider: measure only those
+        if len(text) <= self._longest.get(col, 0):
+            return
+        self._longest[col] = len(text)
+        width = self._text_width(text)
+        if width > header.sectionSize(col):
+            header.resizeSection(col, width)
