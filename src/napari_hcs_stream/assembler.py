@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._prefault import Prefaulter
 from .labels import channel_display_name, format_labels
 from .protocol import FrameHeader
 
@@ -314,11 +315,13 @@ class PlateAssembler:
     overrides both for its ``(run, source)`` when that group first appears. ``max_bytes`` caps
     the stacks' allocated size (default :func:`default_max_bytes`). ``clock`` and
     ``contrast_interval`` set the contrast refinement throttle (injectable for tests).
+    ``prefault``: commit stack memory a few MiB ahead of the writes in a background thread
+    (see :mod:`napari_hcs_stream._prefault`), so the listener does not pay the page faults.
     """
 
     def __init__(self, modes: Mapping[str, Mode | str] | None = None,
                  max_bytes: int | None = None, *, clock: Callable[[], float] = time.monotonic,
-                 contrast_interval: float = 1.0) -> None:
+                 contrast_interval: float = 1.0, prefault: bool = True) -> None:
         self._modes = {**DEFAULT_MODES, **_parse_modes(modes or {}, "modes")}
         self._max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self._clock = clock
@@ -330,6 +333,7 @@ class PlateAssembler:
         self._write_lock = threading.Lock()
         #: Stack allocations so far (creations and growths): O(log n) in the plate size.
         self.allocations = 0
+        self.prefaulter = Prefaulter() if prefault else None
         self._reset()
 
     def _reset(self) -> None:
@@ -586,6 +590,11 @@ class PlateAssembler:
                 if limits is not None and limits != layer.contrast:
                     layer.contrast = layer.contrast_pending = limits
                 self._mark_dirty(layer, idx)
+                stack = layer.stack
+            if self.prefaulter is not None:  # how far into the stack frames now reach
+                strides = stack.strides
+                end = sum(i * s for i, s in zip(idx, strides, strict=False)) + strides[_N - 1]
+                self.prefaulter.advance(stack, end)
 
     @staticmethod
     def _refine_contrast(layer: _Layer, region: np.ndarray) -> tuple[float, float] | None:

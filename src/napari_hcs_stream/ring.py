@@ -64,7 +64,7 @@ def copy_pixels(dest: np.ndarray, src: np.ndarray) -> None:
     if (dest.dtype == src.dtype and dest.shape == src.shape and dest.flags.c_contiguous
             and src.flags.c_contiguous and dest.flags.writeable):
         try:
-            memoryview(dest).cast("B")[:] = memoryview(src).cast("B")
+            dest.data.cast("B")[:] = src.data.cast("B")
             return
         except (TypeError, ValueError, NotImplementedError):  # a format memoryview lacks
             pass
