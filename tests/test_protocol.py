@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from napari_hcs_stream.protocol import (
     DEFAULT_LIMITS,
@@ -298,3 +300,59 @@ def test_static_parts_that_are_not_plain_are_never_cached() -> None:
                                                  b'1},"extra":1}')):
         assert decoder.decode(data, 2) == decode_message(data, DEFAULT_LIMITS, 2)
     assert not decoder._cache
+
+
+# -- the shared-memory fast path: coords/meta reused, pixels matched exactly -------------------
+_INTS = [b"0", b"1", b"2", b"3", b"4096", b"524288", b"65535", b"65536", b"9223372036854775806",
+         b"9223372036854775807", b"9223372036854775808", b"01", b"-2", b"2.0", b"2e3"]
+_SEGMENTS = [b"hcs_123_0123abcd", b"hcs_1_ffffffff", b"hcs_123_0123ABCD", b"../etc/passwd",
+             b"hcs_12345678901_0123abcd", b"hcs_123_0123abc\\u0064", b""]
+_PARTS = [b'"coords":{"well":"B03","z":4},"meta":{}', b'"coords":{},"meta":{}', b'"coords":{}',
+          b'"coords":{"z":4},"meta":{"um":0.65,"note":"x","ok":true,"n":null}',
+          b'"coords":{"z":4},"meta":{"plate":{"rows":8}}', b'"coords":{"well":"B3x"},"meta":{}',
+          b'"coords":{"z":-1},"meta":{}', b'"coords":{"z":4},"meta":[]',
+          b'"coords":{"z":4},"coords":{"z":5},"meta":{}', b'"meta":{},"coords":{"site":2}',
+          b'"coords":{"z":4},"meta":{},"pixels":{"frame":1}', b'"coords":{"z":4},"kind":"labels"',
+          b'"coords":{"z":4} ,"meta":{}', b'"coords":{"z":NaN},"meta":{"x":NaN}',
+          b'"coords":{"z":4},"meta":{"\xff":1}']
+
+
+def _shm_tail(part: bytes, segment: bytes, offset: bytes, nbytes: bytes, slot: bytes,
+              gen: bytes) -> bytes:
+    return (part + b',"pixels":{"shm":{"segment":"' + segment + b'","offset":' + offset
+            + b',"nbytes":' + nbytes + b',"slot":' + slot + b',"generation":' + gen + b"}}}")
+
+
+def _outcome(call: Any) -> Any:
+    try:
+        return ("ok", call())
+    except ProtocolError as exc:
+        return ("error", str(exc), exc.producer, exc.seq)
+
+
+@given(part=st.sampled_from(_PARTS), segment=st.sampled_from(_SEGMENTS),
+       offset=st.sampled_from(_INTS), nbytes=st.sampled_from(_INTS), slot=st.sampled_from(_INTS),
+       gen=st.sampled_from(_INTS), seq=st.integers(0, 2**63 - 1), twice=st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_fast_shm_path_decides_as_decode_message(part: bytes, segment: bytes, offset: bytes,
+                                                  nbytes: bytes, slot: bytes, gen: bytes,
+                                                  seq: int, twice: bool) -> None:
+    decoder = HeaderDecoder()
+    decoder.decode(published(0), 1)  # the static part is cached
+    data = published(seq, tail=_shm_tail(part, segment, offset, nbytes, slot, gen))
+    for _ in range(2 if twice else 1):  # the second time, from the coords/meta cache
+        got = _outcome(lambda: decoder.decode(data, 1))
+        assert got == _outcome(lambda: decode_message(data, DEFAULT_LIMITS, 1))
+
+
+def test_fast_shm_path_is_taken_and_meta_is_never_shared() -> None:
+    decoder = HeaderDecoder()
+    tail = _shm_tail(b'"coords":{"z":4},"meta":{"um":0.65}', b"hcs_123_0123abcd", b"4096",
+                     b"524288", b"0", b"2")
+    first, second = (decoder.decode(published(s, tail=tail), 1) for s in (0, 1))
+    assert isinstance(first, FrameHeader) and isinstance(second, FrameHeader)
+    assert len(decoder._parts) == 1 and len(decoder._segments) == 1  # the fast path ran
+    assert first.meta == second.meta == {"um": 0.65} and first.meta is not second.meta
+    first.meta["um"] = 1.0
+    assert decoder.decode(published(2, tail=tail), 1).meta == {"um": 0.65}
+    assert second.coords == first.coords and second.seq == 1

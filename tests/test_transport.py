@@ -429,6 +429,26 @@ def test_the_callers_mistakes_raise_before_anything_is_sent(
         pub.publish(np.zeros((4, 4), np.uint8))
 
 
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"site": True}, TypeError), ({"z": 1.0}, TypeError), ({"t": np.bool_(True)}, TypeError),
+    ({"well": "B3!"}, ValueError), ({"channel": -1}, ValueError), ({"site": 2**40}, ValueError),
+])
+def test_cached_coordinates_never_skip_a_check(runtime_dir: Path, kwargs: dict[str, Any],
+                                               error: type) -> None:
+    """The header bytes of plain coordinates are cached; look-alikes (True == 1, 1.0 == 1)
+    must still be checked, and equal numpy integers give the same bytes."""
+    good = {"well": "B03", "site": 1, "z": 1, "t": 1, "channel": 0}
+    with Publisher("cached-coords", connect_timeout=0) as pub:
+        for _ in range(2):
+            pub.publish(np.zeros((4, 4), np.uint8), **good)
+        assert len(pub._bodies) == 1
+        with pytest.raises(error):
+            pub.publish(np.zeros((4, 4), np.uint8), **{**good, **kwargs})
+        numpy_ints = {k: np.int64(v) if type(v) is int else v for k, v in good.items()}
+        assert pub.publish(np.zeros((4, 4), np.uint8), **numpy_ints) is False  # no viewer
+        assert pub.stats.dropped == 3 and len(pub._bodies) == 1
+
+
 def _io_thread_policies() -> list[int]:
     policies = []
     for task in Path("/proc/self/task").iterdir():

@@ -441,6 +441,13 @@ _STATIC_KEYS = frozenset({"hcs", "type", "producer", "run", "seq", "source", "ki
                           "shape", "rgb"})
 _TAIL_KEYS = frozenset({"coords", "meta", "pixels"})
 _SEQ_AT, _COORDS_AT = b',"seq":', b',"coords":'
+_PIXELS_SHM_AT = b',"pixels":{"shm":'
+_DIGITS = rb"(0|[1-9][0-9]{0,18})"
+#: the pixels member exactly as the Publisher writes it, to the end of the header
+_SHM_TAIL = re.compile(rb',"pixels":\{"shm":\{"segment":"([^"\\]{1,64})","offset":' + _DIGITS
+                       + rb',"nbytes":' + _DIGITS + rb',"slot":' + _DIGITS + rb',"generation":'
+                       + _DIGITS + rb"\}\}\}")
+_SCALARS = (str, int, float, bool, type(None))
 
 
 class HeaderDecoder:
@@ -462,6 +469,10 @@ class HeaderDecoder:
         self.limits = limits
         self.max_entries = max_entries
         self._cache: dict[tuple[bytes, bytes], tuple[dict[str, Any], int]] = {}
+        #: ``"coords":...,"meta":...`` bytes -> validated (coords, meta), or None when that
+        #: part cannot be reused (meta holding containers, other members): see _fast
+        self._parts: dict[bytes, tuple[Coords, dict[str, Any]] | None] = {}
+        self._segments: dict[bytes, str | None] = {}
 
     def decode(self, frame0: bytes, nframes: int | None = None) -> FrameHeader | Bye:
         if type(frame0) is not bytes:
@@ -493,6 +504,11 @@ class HeaderDecoder:
         seq = int(digits)
         if seq > _MAX_SEQ:
             return None
+        p = frame0.rfind(_PIXELS_SHM_AT)
+        if p > j and (m := _SHM_TAIL.fullmatch(frame0, p)) is not None:
+            h = self._fast_shm(frame0[j + 1:p], m, entry, seq)
+            if h is not None:
+                return h
         try:
             text = "{" + frame0[j + 1:].decode()
             obj, end = _scan(text, 0)
@@ -517,6 +533,68 @@ class HeaderDecoder:
         fields["seq"], fields["coords"], fields["meta"], fields["pixels"] = (
             seq, coords, meta, pixels)
         return cast(FrameHeader, h)
+
+    def _fast_shm(self, part: bytes, m: re.Match[bytes], entry: tuple[dict[str, Any], int],
+                  seq: int) -> FrameHeader | None:
+        """The commonest header of all: a shared-memory frame whose coords and meta repeat.
+
+        ``part`` is ``"coords":...,"meta":...``; it is parsed and validated once per distinct
+        byte string and reused (coords are frozen; meta is only reused when it holds scalars,
+        and each header gets its own copy). The pixels member, matched exactly, gets every
+        check :func:`_pixels` makes. None: anything else (the general path decides).
+        """
+        parts = self._parts
+        if part in parts:
+            cached = parts[part]
+        else:
+            cached = self._learn_part(part)
+            if len(parts) >= 4 * self.max_entries:
+                parts.clear()
+            parts[part] = cached
+        if cached is None:
+            return None
+        segment_b, offset_b, size_b, slot_b, gen_b = m.groups()
+        size, gen, slot = int(size_b), int(gen_b), int(slot_b)
+        offset = int(offset_b)
+        if (size != entry[1] or gen % 2 or slot > 65535 or offset > _MAX_SEQ
+                or gen > _MAX_SEQ):
+            return None  # the general path words the rejection
+        segment = self._segments.get(segment_b)
+        if segment is None:
+            text = segment_b.decode("ascii", "replace")
+            if not SEGMENT_RE.fullmatch(text):
+                return None
+            if len(self._segments) >= self.max_entries:
+                self._segments.clear()
+            segment = self._segments[segment_b] = text
+        ref = _new(ShmRef)
+        ref.__dict__.update(segment=segment, offset=offset, nbytes=size, slot=slot,
+                            generation=gen)
+        h = _new(FrameHeader)
+        fields = h.__dict__
+        fields.update(entry[0])
+        fields["seq"], fields["coords"], fields["meta"], fields["pixels"] = (
+            seq, cached[0], dict(cached[1]), ref)
+        return cast(FrameHeader, h)
+
+    def _learn_part(self, part: bytes) -> tuple[Coords, dict[str, Any]] | None:
+        """Validate ``"coords":...,"meta":...`` as the general path would, or None."""
+        try:
+            text = "{" + part.decode() + "}"
+            obj, end = _scan(text, 0)
+        except (StopIteration, UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        if end != len(text) or type(obj) is not dict or not obj.keys() <= {"coords", "meta"}:
+            return None
+        meta = obj.get("meta")
+        if meta is None:
+            meta = {}
+        if type(meta) is not dict or not all(type(v) in _SCALARS for v in meta.values()):
+            return None
+        try:
+            return _coords(obj.get("coords", _EMPTY), self.limits), meta
+        except ProtocolError:
+            return None
 
     @staticmethod
     def _cacheable(key: tuple[bytes, bytes], tail: bytes) -> bool:

@@ -45,6 +45,7 @@ SLOTS_BUSY = "viewer too slow (every shared-memory slot in flight)"
 QUEUE_FULL = "viewer too slow (send queue full)"
 VIEWER_GONE = "viewer went away"
 DRAIN_S = 0.001  # how often (at most) a publish reads the viewer's (un)subscriptions
+_PLAIN = (str, int, type(None))  # coordinate types whose checked header bytes are cached
 
 
 class DeliveryError(RuntimeError):
@@ -152,6 +153,7 @@ class Publisher:
         self._finalizer = _mp_util.Finalize(self, self._link.close, args=(self.close_timeout,),
                                             exitpriority=10)
         self._static: dict[tuple[Any, ...], bytes] = {}
+        self._bodies: dict[tuple[Any, ...], bytes] = {}
         self._prefix = dumps({"hcs": list(PROTOCOL_VERSION), "type": "frame",
                                "producer": self.producer_id, "run": self.run})[:-1].encode()
 
@@ -199,7 +201,19 @@ class Publisher:
             static = None
         if static is None:
             static = self._static_part(array, source, kind, rgb)
-        body = coords_meta(well, site, channel, z, t, meta, self.limits)
+        if meta is None and type(well) in _PLAIN and type(site) in _PLAIN and \
+                type(channel) in _PLAIN and type(z) in _PLAIN and type(t) in _PLAIN:
+            # plain ints and strings (never bools or numpy scalars, which would compare
+            # equal to ints and skip their own checks): checked and formatted once
+            key = (well, site, channel, z, t)
+            body = self._bodies.get(key)
+            if body is None:
+                body = coords_meta(well, site, channel, z, t, None, self.limits)
+                if len(self._bodies) >= 4096:
+                    self._bodies.clear()
+                self._bodies[key] = body
+        else:
+            body = coords_meta(well, site, channel, z, t, meta, self.limits)
         with self._lock:
             link = self._link
             if link.socket is None or os.getpid() != link.pid:
