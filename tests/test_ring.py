@@ -126,13 +126,13 @@ def test_overwrite_while_copying_is_torn(ring: ShmRing, reader: RingReader,
 
     raced: list[bool] = []
 
-    def copy_racing_the_producer(dest: np.ndarray, src: np.ndarray) -> None:
-        np.copyto(dest, src)
+    def copy_racing_the_producer(dest: memoryview, src: memoryview) -> None:
+        dest.cast("B")[:] = src
         if not raced:  # the reader's copy: the producer gets in while it runs
             raced.append(True)
             ring.write(slot, a + 1)
 
-    monkeypatch.setattr(ring_module, "copy_pixels", copy_racing_the_producer)
+    monkeypatch.setattr(ring_module, "copy_bytes", copy_racing_the_producer)
     with pytest.raises(TornRead, match="overwritten while copying"):
         reader.copy_into(ref(ring, slot, 200, gen), np.empty((10, 10), np.uint16))
     monkeypatch.undo()
@@ -232,3 +232,25 @@ def test_copy_pixels_refuses_what_numpy_refuses() -> None:
         ring_module.copy_pixels(dest, np.ones((4, 4), np.uint16))
     with pytest.raises(TypeError):  # float into int is not a byte-order change
         ring_module.copy_pixels(np.zeros((4, 4), np.uint16), np.ones((4, 4), np.float32))
+
+
+@pytest.mark.parametrize("dest_kind", ["contiguous", "strided", "big-endian", "fortran"])
+def test_copy_into_any_destination_layout(ring: ShmRing, reader: RingReader,
+                                          dest_kind: str) -> None:
+    """Plain destinations take a byte copy; the others go through numpy, same values."""
+    a = (np.arange(12 * 10) * 7).astype(np.uint16).reshape(12, 10)
+    slot = ring.acquire()
+    gen = ring.write(slot, a)[1]
+    if dest_kind == "strided":
+        dest = np.zeros((12, 20), np.uint16)[:, ::2]
+    elif dest_kind == "big-endian":
+        dest = np.zeros((12, 10), ">u2")
+    elif dest_kind == "fortran":
+        dest = np.zeros((12, 10), np.uint16, order="F")
+    else:
+        dest = np.zeros((12, 10), np.uint16)
+    for _ in range(2):  # the second time from the cached views
+        reader.copy_into(ref(ring, slot, a.nbytes, gen), dest)
+        np.testing.assert_array_equal(dest, a)
+        dest[...] = 0
+    assert ring.pending() == 0  # every copy acknowledged

@@ -71,6 +71,11 @@ def copy_pixels(dest: np.ndarray, src: np.ndarray) -> None:
     np.copyto(dest, src, casting="equiv")
 
 
+def copy_bytes(dest: memoryview, src: memoryview) -> None:
+    """``memcpy`` from ``src`` into C-contiguous ``dest`` of the same size, holding the GIL."""
+    dest.cast("B")[:] = src
+
+
 def new_segment_name(pid: int | None = None) -> str:
     """``hcs_<pid>_<8 hex>``: the pid lets a sweeper tell a dead owner's leftovers apart."""
     return f"{SEGMENT_PREFIX}{os.getpid() if pid is None else pid}_{secrets.token_hex(4)}"
@@ -257,9 +262,14 @@ class _Mapping:
             HEADER_BYTES:HEADER_BYTES + nslots * LINE_BYTES].cast("Q")
         self.data: np.ndarray = np.frombuffer(self._mm, np.uint8)
         self.views: dict[tuple[int, np.dtype, tuple[int, ...]], np.ndarray] = {}
+        #: (slot, nbytes) -> the slot's bytes, for the plain byte copy of copy_into
+        self.raw: dict[tuple[int, int], memoryview] = {}
 
     def close(self) -> None:
         self.ctrl.release()
+        for view in self.raw.values():
+            view.release()
+        self.raw.clear()
         self.views.clear()
         del self.data
         with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it later
@@ -322,20 +332,34 @@ class RingReader:
             raise ValueError(f"destination holds {dest.nbytes} bytes, the slot {nbytes}")
         if wire is None:
             wire = dest.dtype.newbyteorder("<")
-        key = (slot, wire, dest.shape)
-        src = m.views.get(key)
-        if src is None:
-            src = m.views[key] = m.data[offset:offset + nbytes].view(wire).reshape(dest.shape)
-            if len(m.views) > 64:  # a producer changing shapes all the time: start over
-                m.views.clear()
-                m.views[key] = src
-        ctrl, gi = m.ctrl, slot * _WORDS
-        if ctrl[gi] != ref.generation:
+        ctrl, gi, gen = m.ctrl, slot * _WORDS, ref.generation
+        if ctrl[gi] != gen:
             raise TornRead("overwritten before it was read")
-        copy_pixels(dest, src)
-        if ctrl[gi] != ref.generation:
+        out = dest.data
+        if out.c_contiguous and not out.readonly and dest.dtype == wire:
+            # the common case: the wire's bytes are the destination's bytes (a plain memcpy,
+            # holding the GIL: see copy_pixels), with no per-frame array view of the slot
+            raw = m.raw.get((slot, nbytes))
+            if raw is None:
+                if len(m.raw) > 64:  # a producer changing sizes all the time: start over
+                    for view in m.raw.values():
+                        view.release()
+                    m.raw.clear()
+                raw = m.raw[slot, nbytes] = m.data[offset:offset + nbytes].data
+            copy_bytes(out, raw)
+        else:  # strides, or a byte order to swap: numpy does it
+            key = (slot, wire, dest.shape)
+            src = m.views.get(key)
+            if src is None:
+                src = m.views[key] = m.data[offset:offset + nbytes].view(wire).reshape(
+                    dest.shape)
+                if len(m.views) > 64:  # a producer changing shapes all the time: start over
+                    m.views.clear()
+                    m.views[key] = src
+            copy_pixels(dest, src)
+        if ctrl[gi] != gen:
             raise TornRead("overwritten while copying")
-        ctrl[gi + 1] = ref.generation  # consumed: the producer may reuse the slot
+        ctrl[gi + 1] = gen  # consumed: the producer may reuse the slot
 
     def release(self, name: str) -> None:
         m = self._maps.pop(name, None)
