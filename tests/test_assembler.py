@@ -577,3 +577,65 @@ def test_generated_run_ids_show_as_name_and_time():
     assert run_label("run-20261125-090501-ab12") == "run 09:05:01"
     assert run_label("plate-7") == "plate-7"  # a user's own id is shown as given
     assert run_label("x-2026-1-2-ab") == "x-2026-1-2-ab"
+
+
+# -- the steady state: repeated items skip routing, and nothing they skip can go stale ----------
+def test_a_repeated_item_is_routed_once_and_lands_in_the_same_slot(asm: PlateAssembler) -> None:
+    first = put(asm, item("A01", z=3), 1)
+    assert len(asm._routes) == 1
+    again = put(asm, item("A01", z=3), 2)
+    assert again.base is first.base and np.shares_memory(first, again)
+    (update,) = asm.take_updates()
+    assert update.data[0, 0, 0, 0, 0].max() == 2 and update.frames == 2  # z: arrival order
+
+
+def test_a_cached_route_survives_item_growth_and_a_smaller_item_is_padded(
+        asm: PlateAssembler) -> None:
+    put(asm, item("A01", z=0), 1)
+    put(asm, item("A01", z=0), 2)  # cached now
+    put(asm, item("A01", z=1, shape=(6, 6)), 9)  # the items grow: a new stack
+    dest = put(asm, item("A01", z=0), 3)
+    assert dest.shape == (4, 4)
+    (update,) = asm.take_updates()
+    plane = np.asarray(update.data)[0, 0, 0, 0, 0]
+    assert plane.shape == (6, 6) and (plane[:4, :4] == 3).all() and (plane[4:, :] == 0).all()
+
+
+def test_cached_routes_do_not_outlive_a_clear(asm: PlateAssembler) -> None:
+    put(asm, item("A01", z=2, run="r1"), 1)
+    put(asm, item("A01", z=2, run="r1"), 1)
+    asm.take_updates()  # announced: its clear is reported
+    asm.clear("r1")
+    dest = put(asm, item("A01", z=2, run="r1"), 5)  # the same item, a new layer
+    (removed, update) = asm.take_updates()
+    assert removed.removed and update.new and np.asarray(update.data).max() == 5
+    assert update.frames == 1 and dest.base is not None
+    asm.clear()
+    assert not asm._routes
+
+
+def test_items_with_meta_are_routed_in_full(asm: PlateAssembler) -> None:
+    put(asm, item("A01", channel=0, meta=NAMES), 1)
+    put(asm, item("A01", channel=0, meta=NAMES), 2)
+    assert not asm._routes  # meta may carry modes, names, a plate: never skipped
+    put(asm, item("A01", channel=0), 3)
+    assert len(asm._routes) == 1
+
+
+def test_commit_of_another_array_or_header_still_lands(asm: PlateAssembler) -> None:
+    header = item("B02", site=1)
+    asm.destination(header)
+    elsewhere = np.full((4, 4), 7, np.uint16)
+    asm.commit(item("B02", site=1), elsewhere)  # an equal header, a different object
+    (update,) = asm.take_updates()
+    assert np.asarray(update.data).max() == 7 and update.frames == 1
+
+
+def test_commit_for_another_item_lands_in_that_items_slot(asm: PlateAssembler) -> None:
+    put(asm, item("B03", site=2), 1)
+    asm.destination(item("B02", site=1))  # handed out, then another item is committed
+    asm.commit(item("B03", site=2), np.full((4, 4), 7, np.uint16))
+    data = np.asarray(asm.take_updates()[0].data)
+    b03 = data[asm._index["well"]["B03"], asm._index["site"][2], 0, 0, 0]
+    b02 = data[asm._index["well"]["B02"], asm._index["site"][1], 0, 0, 0]
+    assert (b03 == 7).all() and (b02 == 0).all()

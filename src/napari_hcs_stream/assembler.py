@@ -74,6 +74,8 @@ _CONTRAST_FIRST = 3
 _CONTRAST_POOL = 16
 #: More dirty steps than this between two updates are reported as ``None`` ("many").
 DIRTY_STEPS_CAP = 256
+#: Routes of items remembered (a 1536-well plate with 4 sites, 4 channels and 16 z: 393216).
+_ROUTES_CAP = 1 << 19
 
 _CYCLE = ("cyan", "magenta", "yellow", "green", "blue", "red")
 _COLOR_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -345,6 +347,10 @@ class PlateAssembler:
         self._dirty: dict[tuple[Any, ...], _Layer] = {}
         self._removed: list[LayerUpdate] = []
         self._plates: dict[str, Any] = {}
+        #: item -> (layer key, stack index) for slots already handed out; see destination
+        self._routes: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...]]] = {}
+        #: what the last destination() handed out, for the commit() that follows it
+        self._handoff: tuple[FrameHeader, _Layer, tuple[int, ...], np.ndarray] | None = None
         self._nbytes = 0
         self._generation = getattr(self, "_generation", 0) + 1
 
@@ -457,6 +463,20 @@ class PlateAssembler:
         Raises :class:`AssemblerFull` past the memory cap, ``ValueError`` for bad meta modes.
         """
         with self._write_lock:
+            # The steady state: an item for a slot handed out before (the same well, site,
+            # channel, t and z again) needs no routing, no index or extent updates.
+            meta, coords = header.meta, header.coords
+            rkey = None if meta else (header.run, header.source, header.kind, coords,
+                                      header.shape, header.dtype, header.rgb)
+            with self._lock:
+                known = self._routes.get(rkey) if rkey is not None else None
+                if known is not None:
+                    layer = self._layers.get(known[0])
+                    if layer is not None and known[1] in layer.slots:
+                        region = layer.stack[known[1]]
+                        if region.shape == header.shape:  # items have not grown since
+                            self._handoff = (header, layer, known[1], region)
+                            return region
             while True:
                 with self._lock:
                     route = self._route(header, create=True)
@@ -477,6 +497,10 @@ class PlateAssembler:
                         slot_index = tuple(idx)
                         layer.slots.add(slot_index)
                         slot = layer.stack[slot_index]
+                        if rkey is not None and slot.shape == header.shape:
+                            if len(self._routes) >= _ROUTES_CAP:
+                                self._routes.clear()
+                            self._routes[rkey] = (key, slot_index)
                         break
                     new_shape = self._grown_shape(layer, idx, header)
                     old = layer.stack if layer is not None else None
@@ -507,7 +531,10 @@ class PlateAssembler:
             region = tuple(slice(0, n) for n in header.shape)
             if slot.shape != header.shape:
                 slot[...] = 0  # a smaller item: never show an earlier, larger one around it
-            return slot[region]
+            view = slot[region]
+            with self._lock:
+                self._handoff = (header, layer, slot_index, view)
+            return view
 
     @staticmethod
     def _fits(layer: _Layer, idx: list[int], shape: tuple[int, ...]) -> bool:
@@ -566,11 +593,17 @@ class PlateAssembler:
         """
         with self._write_lock:
             with self._lock:
-                found = self._locate(header)
-                if found is None:
-                    return
-                layer, idx = found
-                region = layer.stack[idx + tuple(slice(0, n) for n in header.shape)]
+                handoff, self._handoff = self._handoff, None
+                if (handoff is not None and handoff[0] is header
+                        and self._layers.get(handoff[1].key) is handoff[1]
+                        and handoff[3].base is handoff[1].stack):
+                    layer, idx, region = handoff[1], handoff[2], handoff[3]
+                else:  # not what destination() just handed out: route it again
+                    found = self._locate(header)
+                    if found is None:
+                        return
+                    layer, idx = found
+                    region = layer.stack[idx + tuple(slice(0, n) for n in header.shape)]
                 now = self._clock()
                 sample_due = layer.kind == "image" and not layer.rgb and (
                     layer.sampled < _CONTRAST_FIRST
