@@ -36,8 +36,9 @@ PAGE = 4096
 CHUNK = 2 << 20
 #: committed ahead of the furthest write, per stack.
 AHEAD = 16 << 20
-#: stacks followed at once (most recently written first); older ones are forgotten.
-MAX_STACKS = 32
+#: stacks followed at once; older ones are forgotten. With AHEAD, at most 256 MiB is
+#: committed ahead of the data (in practice one window per layer being streamed).
+MAX_STACKS = 16
 #: the thread ends after this long without work (and starts again when work comes).
 IDLE_EXIT_S = 5.0
 

@@ -74,8 +74,8 @@ _CONTRAST_FIRST = 3
 _CONTRAST_POOL = 16
 #: More dirty steps than this between two updates are reported as ``None`` ("many").
 DIRTY_STEPS_CAP = 256
-#: Routes of items remembered (a 1536-well plate with 4 sites, 4 channels and 16 z: 393216).
-_ROUTES_CAP = 1 << 19
+#: Routes of items remembered (about 300 bytes each); past this the cache starts over.
+_ROUTES_CAP = 1 << 16
 
 _CYCLE = ("cyan", "magenta", "yellow", "green", "blue", "red")
 _COLOR_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -647,6 +647,7 @@ class PlateAssembler:
         """A torn copy: blank the item's slot (never show garbage); not counted as a frame."""
         with self._write_lock:
             with self._lock:
+                self._handoff = None  # never keep a stack alive past its frame
                 found = self._locate(header)
                 if found is None:
                     return
@@ -744,6 +745,7 @@ class PlateAssembler:
                 self._nbytes -= layer.stack.nbytes
             for group_key in [k for k in self._groups if k[0] == run]:
                 del self._groups[group_key]
+            self._handoff = None
             self._plates.pop(run, None)
             self._generation += 1
             return len(victims)
