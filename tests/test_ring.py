@@ -127,7 +127,7 @@ def test_overwrite_while_copying_is_torn(ring: ShmRing, reader: RingReader,
     raced: list[bool] = []
 
     def copy_racing_the_producer(dest: memoryview, src: memoryview) -> None:
-        dest.cast("B")[:] = src
+        dest.cast("B")[:] = src.cast("B")
         if not raced:  # the reader's copy: the producer gets in while it runs
             raced.append(True)
             ring.write(slot, a + 1)

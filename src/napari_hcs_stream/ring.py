@@ -17,6 +17,7 @@ import mmap
 import os
 import secrets
 import struct
+import sys
 import time
 from collections import OrderedDict
 from multiprocessing import shared_memory
@@ -72,8 +73,12 @@ def copy_pixels(dest: np.ndarray, src: np.ndarray) -> None:
 
 
 def copy_bytes(dest: memoryview, src: memoryview) -> None:
-    """``memcpy`` from ``src`` into C-contiguous ``dest`` of the same size, holding the GIL."""
-    dest.cast("B")[:] = src
+    """``memcpy`` between C-contiguous buffers of the same size, holding the GIL."""
+    dest.cast("B")[:] = src.cast("B")
+
+
+#: byte orders whose bytes are already the wire's (little-endian)
+_WIRE_ORDER = ("<", "|", "=") if sys.byteorder == "little" else ("<", "|")
 
 
 def new_segment_name(pid: int | None = None) -> str:
@@ -108,6 +113,7 @@ class ShmRing:
         self._state = [_FREE] * nslots
         self._since = [0.0] * nslots
         self._views: dict[tuple[int, np.dtype, tuple[int, ...]], np.ndarray] = {}
+        self._raw: dict[tuple[int, int], memoryview] = {}
         self._cursor = 0
 
     def slot_offset(self, slot: int) -> int:
@@ -180,18 +186,30 @@ class ShmRing:
         if array.nbytes > self.slot_bytes:
             raise ValueError(f"{array.nbytes} bytes do not fit a {self.slot_bytes}-byte slot")
         off = self.data_offset + slot * self.slot_bytes
-        key = (slot, array.dtype, array.shape)
-        view = self._views.get(key)
-        if view is None:
-            if len(self._views) > 64:  # shapes keep changing: do not hoard views
-                self._views.clear()
-            wire = array.dtype.newbyteorder("<")
-            view = self._views[key] = data[off:off + array.nbytes].view(wire).reshape(
-                array.shape)
+        nbytes = array.nbytes
+        src = array.data
         gi = slot * _WORDS
         gen = ctrl[gi] + 1
-        ctrl[gi] = gen  # odd: being written
-        copy_pixels(view, array)
+        if src.c_contiguous and array.dtype.byteorder in _WIRE_ORDER:
+            # the common case: the array's bytes are the wire's (a plain memcpy)
+            raw = self._raw.get((slot, nbytes))
+            if raw is None:
+                if len(self._raw) > 64:  # sizes keep changing: do not hoard views
+                    self._raw.clear()
+                raw = self._raw[slot, nbytes] = data[off:off + nbytes].data
+            ctrl[gi] = gen  # odd: being written
+            copy_bytes(raw, src)
+        else:  # strides, or a byte order to swap: numpy does it
+            key = (slot, array.dtype, array.shape)
+            view = self._views.get(key)
+            if view is None:
+                if len(self._views) > 64:  # shapes keep changing: do not hoard views
+                    self._views.clear()
+                wire = array.dtype.newbyteorder("<")
+                view = self._views[key] = data[off:off + nbytes].view(wire).reshape(
+                    array.shape)
+            ctrl[gi] = gen  # odd: being written
+            copy_pixels(view, array)
         gen += 1
         ctrl[gi] = gen  # even: stable
         self._state[slot] = _IN_FLIGHT
@@ -214,6 +232,9 @@ class ShmRing:
         self._ctrl = None
         self._data = None
         self._views.clear()
+        for view in self._raw.values():
+            view.release()
+        self._raw.clear()
         with contextlib.suppress(BufferError):
             self._shm.close()
         if os.getpid() == self._owner:
