@@ -79,6 +79,48 @@ def copy_bytes(dest: memoryview, src: memoryview) -> None:
 
 #: byte orders whose bytes are already the wire's (little-endian)
 _WIRE_ORDER = ("<", "|", "=") if sys.byteorder == "little" else ("<", "|")
+#: views kept per mapped ring; a producer changing sizes or shapes all the time starts over
+_MAX_VIEWS = 64
+_NOTHING = np.empty(0, np.uint8)
+
+
+class _SlotViews:
+    """Cached views of a mapped ring's slots, made once rather than per frame: raw bytes for
+    the plain copy, typed arrays for what numpy has to do (strides, byte swapping)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data = data
+        self._raw: dict[tuple[int, int], memoryview] = {}
+        self._typed: dict[tuple[int, np.dtype, tuple[int, ...]], np.ndarray] = {}
+
+    def raw(self, offset: int, nbytes: int) -> memoryview:
+        view = self._raw.get((offset, nbytes))
+        if view is None:
+            if len(self._raw) >= _MAX_VIEWS:
+                self._release_raw()
+            view = self._raw[offset, nbytes] = self._data[offset:offset + nbytes].data
+        return view
+
+    def typed(self, offset: int, wire: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        view = self._typed.get((offset, wire, shape))
+        if view is None:
+            if len(self._typed) >= _MAX_VIEWS:
+                self._typed.clear()
+            nbytes = wire.itemsize * int(np.prod(shape))
+            view = self._typed[offset, wire, shape] = self._data[
+                offset:offset + nbytes].view(wire).reshape(shape)
+        return view
+
+    def _release_raw(self) -> None:
+        for view in self._raw.values():
+            view.release()
+        self._raw.clear()
+
+    def close(self) -> None:
+        """Before unmapping: no view, and not this object, may keep the mapping exported."""
+        self._release_raw()
+        self._typed.clear()
+        self._data = _NOTHING
 
 
 def new_segment_name(pid: int | None = None) -> str:
@@ -112,8 +154,7 @@ class ShmRing:
         self._data: np.ndarray | None = np.frombuffer(buf, np.uint8)
         self._state = [_FREE] * nslots
         self._since = [0.0] * nslots
-        self._views: dict[tuple[int, np.dtype, tuple[int, ...]], np.ndarray] = {}
-        self._raw: dict[tuple[int, int], memoryview] = {}
+        self._slots = _SlotViews(self._data)
         self._cursor = 0
 
     def slot_offset(self, slot: int) -> int:
@@ -186,30 +227,15 @@ class ShmRing:
         if array.nbytes > self.slot_bytes:
             raise ValueError(f"{array.nbytes} bytes do not fit a {self.slot_bytes}-byte slot")
         off = self.data_offset + slot * self.slot_bytes
-        nbytes = array.nbytes
         src = array.data
         gi = slot * _WORDS
         gen = ctrl[gi] + 1
+        ctrl[gi] = gen  # odd: being written
         if src.c_contiguous and array.dtype.byteorder in _WIRE_ORDER:
-            # the common case: the array's bytes are the wire's (a plain memcpy)
-            raw = self._raw.get((slot, nbytes))
-            if raw is None:
-                if len(self._raw) > 64:  # sizes keep changing: do not hoard views
-                    self._raw.clear()
-                raw = self._raw[slot, nbytes] = data[off:off + nbytes].data
-            ctrl[gi] = gen  # odd: being written
-            copy_bytes(raw, src)
+            copy_bytes(self._slots.raw(off, array.nbytes), src)  # the common case
         else:  # strides, or a byte order to swap: numpy does it
-            key = (slot, array.dtype, array.shape)
-            view = self._views.get(key)
-            if view is None:
-                if len(self._views) > 64:  # shapes keep changing: do not hoard views
-                    self._views.clear()
-                wire = array.dtype.newbyteorder("<")
-                view = self._views[key] = data[off:off + nbytes].view(wire).reshape(
-                    array.shape)
-            ctrl[gi] = gen  # odd: being written
-            copy_pixels(view, array)
+            copy_pixels(self._slots.typed(off, array.dtype.newbyteorder("<"), array.shape),
+                        array)
         gen += 1
         ctrl[gi] = gen  # even: stable
         self._state[slot] = _IN_FLIGHT
@@ -231,10 +257,7 @@ class ShmRing:
         self._ctrl.release()
         self._ctrl = None
         self._data = None
-        self._views.clear()
-        for view in self._raw.values():
-            view.release()
-        self._raw.clear()
+        self._slots.close()
         with contextlib.suppress(BufferError):
             self._shm.close()
         if os.getpid() == self._owner:
@@ -282,16 +305,11 @@ class _Mapping:
         self.ctrl: memoryview = memoryview(self._mm)[
             HEADER_BYTES:HEADER_BYTES + nslots * LINE_BYTES].cast("Q")
         self.data: np.ndarray = np.frombuffer(self._mm, np.uint8)
-        self.views: dict[tuple[int, np.dtype, tuple[int, ...]], np.ndarray] = {}
-        #: (slot, nbytes) -> the slot's bytes, for the plain byte copy of copy_into
-        self.raw: dict[tuple[int, int], memoryview] = {}
+        self.slots = _SlotViews(self.data)
 
     def close(self) -> None:
         self.ctrl.release()
-        for view in self.raw.values():
-            view.release()
-        self.raw.clear()
-        self.views.clear()
+        self.slots.close()
         del self.data
         with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it later
             self._mm.close()
@@ -359,25 +377,10 @@ class RingReader:
         out = dest.data
         if out.c_contiguous and not out.readonly and dest.dtype == wire:
             # the common case: the wire's bytes are the destination's bytes (a plain memcpy,
-            # holding the GIL: see copy_pixels), with no per-frame array view of the slot
-            raw = m.raw.get((slot, nbytes))
-            if raw is None:
-                if len(m.raw) > 64:  # a producer changing sizes all the time: start over
-                    for view in m.raw.values():
-                        view.release()
-                    m.raw.clear()
-                raw = m.raw[slot, nbytes] = m.data[offset:offset + nbytes].data
-            copy_bytes(out, raw)
+            # holding the GIL: see copy_pixels)
+            copy_bytes(out, m.slots.raw(offset, nbytes))
         else:  # strides, or a byte order to swap: numpy does it
-            key = (slot, wire, dest.shape)
-            src = m.views.get(key)
-            if src is None:
-                src = m.views[key] = m.data[offset:offset + nbytes].view(wire).reshape(
-                    dest.shape)
-                if len(m.views) > 64:  # a producer changing shapes all the time: start over
-                    m.views.clear()
-                    m.views[key] = src
-            copy_pixels(dest, src)
+            copy_pixels(dest, m.slots.typed(offset, wire, dest.shape))
         if ctrl[gi] != gen:
             raise TornRead("overwritten while copying")
         ctrl[gi + 1] = gen  # consumed: the producer may reuse the slot
