@@ -470,9 +470,9 @@ class HeaderDecoder:
         self.max_entries = max_entries
         self._cache: dict[tuple[bytes, bytes], tuple[dict[str, Any], int]] = {}
         #: ``"coords":...,"meta":...`` bytes -> validated (coords, meta), or None when that
-        #: part cannot be reused (meta holding containers, other members): see _fast
+        #: part cannot be reused (meta holding containers, other members): see _fast_shm
         self._parts: dict[bytes, tuple[Coords, dict[str, Any]] | None] = {}
-        self._segments: dict[bytes, str | None] = {}
+        self._segments: dict[bytes, str] = {}
 
     def decode(self, frame0: bytes, nframes: int | None = None) -> FrameHeader | Bye:
         if type(frame0) is not bytes:
