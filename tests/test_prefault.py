@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _frames import put
 from conftest import wait_until
 from napari_hcs_stream import _prefault
 from napari_hcs_stream._prefault import Prefaulter
 from napari_hcs_stream.assembler import PlateAssembler
-from napari_hcs_stream.protocol import Coords, FrameHeader, FrameRef
 
 MIB = 1 << 20
 
@@ -128,12 +128,6 @@ def test_the_assembler_reports_its_writes(prefaulter: Prefaulter) -> None:
     frame = np.ones((512, 512), np.uint16)
     for w in range(20):  # 20 wells x 4 sites of 512 KiB: the stack grows past 8 MiB
         for s in range(4):
-            header = FrameHeader(producer="p", seq=0, run="r", source="out", kind="image",
-                                 dtype="uint16", shape=frame.shape, pixels=FrameRef(1),
-                                 coords=Coords(f"A{w + 1:02d}", s, None, None, None),
-                                 rgb=False, meta={})
-            dest = asm.destination(header)
-            dest[...] = frame
-            asm.commit(header, dest)
+            put(asm, frame, well=f"A{w + 1:02d}", site=s)
     wait_until(lambda: prefaulter.populated > 0, timeout=30)
     assert PlateAssembler(prefault=False).prefaulter is None
