@@ -350,7 +350,9 @@ class PlateAssembler:
         #: item -> (layer key, stack index) for slots already handed out; see destination
         self._routes: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...]]] = {}
         #: what the last destination() handed out, for the commit() that follows it
-        self._handoff: tuple[FrameHeader, _Layer, tuple[int, ...], np.ndarray] | None = None
+        #: (header, layer, stack index, view, whether the slot was new: frames reach further)
+        self._handoff: tuple[FrameHeader, _Layer, tuple[int, ...], np.ndarray, bool] | None = (
+            None)
         self._nbytes = 0
         self._generation = getattr(self, "_generation", 0) + 1
 
@@ -475,7 +477,7 @@ class PlateAssembler:
                     if layer is not None and known[1] in layer.slots:
                         region = layer.stack[known[1]]
                         if region.shape == header.shape:  # items have not grown since
-                            self._handoff = (header, layer, known[1], region)
+                            self._handoff = (header, layer, known[1], region, False)
                             return region
             while True:
                 with self._lock:
@@ -495,6 +497,7 @@ class PlateAssembler:
                             if not group.layer_mask[pos] and coords.get(component) is not None:
                                 layer.has.add(component)
                         slot_index = tuple(idx)
+                        new_slot = slot_index not in layer.slots
                         layer.slots.add(slot_index)
                         slot = layer.stack[slot_index]
                         if rkey is not None and slot.shape == header.shape:
@@ -533,7 +536,7 @@ class PlateAssembler:
                 slot[...] = 0  # a smaller item: never show an earlier, larger one around it
             view = slot[region]
             with self._lock:
-                self._handoff = (header, layer, slot_index, view)
+                self._handoff = (header, layer, slot_index, view, new_slot)
             return view
 
     @staticmethod
@@ -597,8 +600,9 @@ class PlateAssembler:
                 if (handoff is not None and handoff[0] is header
                         and self._layers.get(handoff[1].key) is handoff[1]
                         and handoff[3].base is handoff[1].stack):
-                    layer, idx, region = handoff[1], handoff[2], handoff[3]
+                    layer, idx, region, new_slot = handoff[1:]
                 else:  # not what destination() just handed out: route it again
+                    new_slot = True  # unknown: let the prefaulter decide
                     found = self._locate(header)
                     if found is None:
                         return
@@ -624,7 +628,7 @@ class PlateAssembler:
                     layer.contrast = layer.contrast_pending = limits
                 self._mark_dirty(layer, idx)
                 stack = layer.stack
-            if self.prefaulter is not None:  # how far into the stack frames now reach
+            if self.prefaulter is not None and new_slot:  # frames now reach further
                 strides = stack.strides
                 end = sum(i * s for i, s in zip(idx, strides, strict=False)) + strides[_N - 1]
                 self.prefaulter.advance(stack, end)
