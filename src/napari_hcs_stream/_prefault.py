@@ -19,7 +19,7 @@ sandbox that forbids it) it switches itself off after the first refusal and noth
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import sys
 import threading
@@ -43,13 +43,14 @@ MAX_STACKS = 16
 IDLE_EXIT_S = 5.0
 
 
+@functools.cache
 def _madvise() -> Any:
-    """libc's ``madvise`` through ctypes (the call releases the GIL), or None."""
+    """libc's ``madvise`` through ctypes (the call releases the GIL), or None; looked up once
+    (the process's own symbols hold libc: no library search, no subprocess)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.madvise
+        fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
