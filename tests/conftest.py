@@ -74,3 +74,17 @@ def runtime_dir(tmp_path_factory, monkeypatch) -> Path:
     path.chmod(0o700)
     monkeypatch.setenv("NAPARI_HCS_STREAM_RUNTIME_DIR", str(path))
     return path
+
+
+@pytest.fixture(params=["libzmq", "pyzmq"])
+def recv_mode(request, monkeypatch) -> str:
+    """Headers received through libzmq with the GIL held (the default where it is reachable)
+    or through pyzmq (the fallback everywhere else): every receiver test runs both ways."""
+    import napari_hcs_stream.receiver as receiver
+    from napari_hcs_stream._gilrecv import _lib
+
+    if request.param == "pyzmq":
+        monkeypatch.setattr(receiver, "header_receiver", lambda sock: None)
+    elif _lib() is None:
+        pytest.skip("libzmq is not reachable through ctypes here")
+    return request.param

@@ -97,7 +97,7 @@ class Target:
 
 
 @pytest.fixture
-def target(runtime_dir: Path) -> Iterator[Target]:
+def target(runtime_dir: Path, recv_mode: str) -> Iterator[Target]:
     t = Target(runtime_dir)
     yield t
     # after everything, a good frame still arrives exactly

@@ -60,7 +60,8 @@ def _endpoint(kind: str) -> str | Endpoint:
 
 @pytest.mark.parametrize("address", ["ipc", "tcp"])
 @pytest.mark.parametrize("transport", ["shm", "frames"])
-def test_round_trip_exact(runtime_dir: Path, transport: str, address: str) -> None:
+def test_round_trip_exact(runtime_dir: Path, transport: str, address: str,
+                          recv_mode: str) -> None:
     with serving(_endpoint(address)) as served:
         assert served.endpoint.data.startswith(f"{address}://")
         with Publisher(served.endpoint, transport=transport, strict=True,

@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from ._context import data_context
+from ._gilrecv import HeaderReceiver, header_receiver
 from .endpoints import (
     Endpoint,
     bind_socket,
@@ -123,6 +124,7 @@ class Receiver:
         self.stats = ReceiverStats()
         self.socket: zmq.Socket | None = None
         self._poll_items: list[tuple[zmq.Socket, int]] = []
+        self._take_header: HeaderReceiver | None = None
         self._context = context
         self._own_context = context is None
         self._reader = RingReader()
@@ -149,6 +151,7 @@ class Receiver:
         data, self._inode = bind_socket(sock, want.data, "listen on")
         self.socket = sock
         self._poll_items = [(sock, zmq.POLLIN)]
+        self._take_header = header_receiver(sock)
         self.endpoint = Endpoint(want.name, data, control_address or want.control)
         if not data.startswith(("tcp://127.", "tcp://[::1]", "ipc://", "inproc://")):
             log.warning("listening on %s: any host that reaches it can send frames "
@@ -163,6 +166,9 @@ class Receiver:
 
     def close(self) -> None:
         """Close the socket, release every mapping, remove our discovery file; idempotent."""
+        if self._take_header is not None:
+            self._take_header.close()
+            self._take_header = None
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
@@ -192,26 +198,38 @@ class Receiver:
         With ``timeout_ms=0`` (the socket is already known readable, e.g. from a Poller) it
         goes straight to receiving.
 
-        Per message this makes as few pyzmq calls as it can, since each costs microseconds
-        next to a 512x512 frame's 40 us copy: the header comes as a ``zmq.Frame``, whose
-        ``more`` flag saves asking ``ZMQ_RCVMORE``; ``ZMQ_EVENTS`` is asked only before a
-        second and later message (a failed receive, ``zmq.Again``, would cost more still).
+        Headers are taken without releasing the GIL where libzmq allows it
+        (:mod:`._gilrecv`): in napari's process every release can cost the listener up to the
+        interpreter's switch interval. Otherwise pyzmq receives, with as few calls per message
+        as it can (each costs microseconds next to a 512x512 frame's 40 us copy): the header
+        comes as a ``zmq.Frame``, whose ``more`` flag saves asking ``ZMQ_RCVMORE``, and
+        ``ZMQ_EVENTS`` is asked only before a second and later message (a failed receive,
+        ``zmq.Again``, would cost more still). Pixel frames always come through pyzmq,
+        zero-copy.
         """
         sock = self.socket
         assert sock is not None, "bind() first"
         if timeout_ms and not _zmq_poll(self._poll_items, timeout_ms):
             return 0
+        take = self._take_header
         recv, option = sock.recv, sock.getsockopt
         n = 0
         while n < self.batch:
-            if n and not cast(int, option(_EVENTS)) & _POLLIN:
-                break
-            try:
-                head = recv(_NOBLOCK, copy=False)
-            except zmq.Again:  # readiness was stale (another reader, a spurious wake-up)
-                break
-            frames: list[Any] = [head.bytes]  # the small header, as bytes
-            more = head.more
+            if take is not None:
+                got = take()
+                if got is None:
+                    break
+                frames: list[Any] = [got[0]]
+                more = got[1]
+            else:
+                if n and not cast(int, option(_EVENTS)) & _POLLIN:
+                    break
+                try:
+                    head = recv(_NOBLOCK, copy=False)
+                except zmq.Again:  # readiness was stale (another reader, a spurious wake-up)
+                    break
+                frames = [head.bytes]  # the small header, as bytes
+                more = head.more
             while more:  # the rest of a message is there already
                 part = recv(0, copy=False)  # pixels: no second copy
                 more = part.more
@@ -220,6 +238,11 @@ class Receiver:
             self.handle(frames)
             n += 1
         return n
+
+    def waiting(self) -> bool:
+        """Whether a message can be received now; asked without releasing the GIL."""
+        sock = self.socket
+        return sock is not None and bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
     def handle(self, frames: list[Any]) -> bool:
         """One message; True when a frame was copied into place (or a Bye was taken)."""
