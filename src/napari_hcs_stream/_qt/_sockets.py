@@ -84,6 +84,17 @@ class ListenerSockets:
     def sockets(self) -> list[zmq.Socket]:
         return [s for s in (self.receiver.socket, self.control.socket) if s is not None]
 
+    def ready_now(self) -> dict[Any, int]:
+        """The sockets with a message waiting, asked without releasing the GIL (a poll
+        releases it, and in napari's process getting it back can take milliseconds)."""
+        ready: dict[Any, int] = {}
+        if self.receiver.waiting():
+            ready[self.receiver.socket] = zmq.POLLIN
+        control = self.control.socket
+        if control is not None and int(control.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            ready[control] = zmq.POLLIN
+        return ready
+
     def service(self, ready: dict[Any, int]) -> None:
         """Handle what is waiting: a batch of frames, then every control request."""
         if self.receiver.socket in ready:
