@@ -158,3 +158,27 @@ def test_pacer_spends_a_bounded_share_of_the_main_thread():
     for _ in range(5):
         pacer.idle()
     assert pacer.interval_ms == 33
+
+
+def test_timer_follows_the_listener_load_between_ticks(viewer, assembler):
+    """The interval moves with the listener's load even when the tick's cost does not."""
+    from napari_hcs_stream._qt._pacing import Pacer
+
+    load = {"v": 0.0}
+    render = RenderTick(viewer, assembler, pacer=Pacer(load=lambda: load["v"]))
+    try:
+        render.start()
+        assert render._timer.interval() == 33
+        render.tick()  # nothing to apply: the interval stays the fastest
+        assert render._timer.interval() == 33
+        put(assembler, plane(1), well="A01")
+        render.tick()
+        render.pacer.cost_ms = 100.0  # pretend ticks cost 100 ms
+        load["v"] = 0.95  # the listener is saturated: redraw as rarely as the max wait allows
+        render.tick()  # nothing new to apply (the interval it asks for is the max either way)
+        assert render._timer.interval() == render.pacer.interval_ms == 250
+        load["v"] = 0.0
+        render.tick()
+        assert render._timer.interval() == render.pacer.interval_ms == 50
+    finally:
+        render.close()

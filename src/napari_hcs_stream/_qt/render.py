@@ -155,12 +155,14 @@ class RenderTick(QObject):
             self._pace(self.pacer.idle)
 
     def _pace(self, update: Callable[[], None]) -> None:
+        """Let the pacer learn from this tick, then run the timer at the interval it asks for
+        now (which also moves with the listener's load between ticks)."""
         if self._closed:
             return
-        before = self.pacer.interval_ms
         update()
-        if self.pacer.interval_ms != before and self._timer.isActive():
-            self._timer.setInterval(self.pacer.interval_ms)
+        interval = self.pacer.interval_ms
+        if interval != self._timer.interval() and self._timer.isActive():
+            self._timer.setInterval(interval)
 
     def _apply_all(self, updates: Sequence[Any]) -> bool:
         self._structural = False
