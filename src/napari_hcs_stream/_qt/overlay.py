@@ -39,7 +39,10 @@ class _OwnTextOverlay:
         from napari.components.overlays import TextOverlay
 
         self._overlays = viewer.canvas.overlays
-        self._overlay = TextOverlay(visible=False, position="top_left", font_size=11)
+        # no background box: napari resizes it on every text change, and vispy then rebuilds
+        # its shader program on the next draw (about 20 ms per slider step with software
+        # OpenGL, measured); a user may still turn it on (``.box = True``), we never reset it
+        self._overlay = TextOverlay(visible=False, position="top_left", font_size=11, box=False)
         self._overlays[OVERLAY_KEY] = self._overlay
 
     def show(self, text: str) -> None:
