@@ -273,3 +273,32 @@ def test_memory_cap_and_modes_reach_the_assembler(docked):
     assert widget.assembler.max_bytes == 2 * 1024**3
     widget.mode_combos["channel"].setCurrentText("stack")
     assert widget.assembler.modes["channel"].value == "stack"
+
+
+def test_counts_are_repainted_with_the_layers_or_soon_after(docked, qtbot):
+    """A status snapshot waits for the next render tick that applies something (one window
+    repaint for both), at most STATUS_WAIT_MS; a final snapshot shows at once."""
+    from _frames import plane, put
+    from napari_hcs_stream._qt.widget import STATUS_WAIT_MS
+
+    _viewer, widget = docked()
+    widget.render_tick.stop()  # ticks only when the test says
+
+    def snapshot(received: int, listening: bool = True) -> dict:
+        return {"producers": {"p": {"received": received}}, "totals": {"received": received},
+                "listening": listening}
+
+    def shown() -> object:
+        return widget.counts.rows.get("total", {}).get("received")
+
+    widget._on_status(snapshot(3))
+    assert shown() is None  # not on its own repaint
+    put(widget.assembler, plane(1), well="A01")
+    widget.render_tick.tick()  # applies a frame: the counts come along
+    assert shown() == 3
+    widget._on_status(snapshot(5))
+    widget.render_tick.tick()  # nothing to apply: no repaint, the counts keep waiting
+    assert shown() == 3
+    qtbot.waitUntil(lambda: shown() == 5, timeout=STATUS_WAIT_MS + 2000)
+    widget._on_status(snapshot(7, listening=False))  # the listener's last word
+    assert shown() == 7

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 ERROR_STYLE = "color: #e5534b;"  # red reads on napari's dark and light themes alike
 ALL_RUNS = "(all runs)"
 INFO_EVERY_S = 0.5
+#: a status snapshot waits at most this long for a render tick to be shown with (ms).
+STATUS_WAIT_MS = 250
 #: listeners that did not stop in time: kept alive until they do (never destroyed running).
 _STUCK: list[ListenerThread] = []
 GIB = 1024**3
@@ -117,6 +119,11 @@ class StreamWidget(QWidget):
         self._was_docked = False
         self._info_at = 0.0
         self._close_when_stopped = False
+        self._status: dict[str, Any] | None = None  # the newest snapshot not yet shown
+        self._status_timer = QTimer(self)
+        self._status_timer.setSingleShot(True)
+        self._status_timer.setInterval(STATUS_WAIT_MS)
+        self._status_timer.timeout.connect(self._show_status)
         self._build_ui()
 
         self._res.render = RenderTick(napari_viewer, self._assembler, generation=self._counter.get,
@@ -297,6 +304,21 @@ class StreamWidget(QWidget):
             QTimer.singleShot(0, self.viewer.close)
 
     def _on_status(self, status: dict[str, Any]) -> None:
+        """Keep the snapshot for the next render tick that applies something, or at most
+        :data:`STATUS_WAIT_MS` from now: every widget repaint makes Qt compose the whole
+        window again (with software OpenGL about 8 ms), so the counts are repainted in the
+        same pass as the layers instead of on their own. A final snapshot shows at once."""
+        self._status = status
+        if not status.get("listening", True):
+            self._show_status()
+        elif not self._status_timer.isActive():
+            self._status_timer.start()
+
+    def _show_status(self) -> None:
+        status, self._status = self._status, None
+        self._status_timer.stop()
+        if status is None or self._res.closed:
+            return
         self.counts.show_counts(status.get("producers", {}), status.get("totals", {}))
         if status.get("last_error"):
             self.show_error(status["last_error"])
@@ -306,6 +328,8 @@ class StreamWidget(QWidget):
         self.error_label.setToolTip(message)
 
     def _on_rendered(self) -> None:
+        if self._status is not None:
+            self._show_status()
         now = time.monotonic()
         if now - self._info_at < INFO_EVERY_S:
             return
