@@ -84,7 +84,7 @@ def recv_mode(request, monkeypatch) -> str:
     from napari_hcs_stream._gilrecv import _lib
 
     if request.param == "pyzmq":
-        monkeypatch.setattr(receiver, "header_receiver", lambda sock: None)
+        monkeypatch.setattr(receiver, "header_receiver", lambda sock, capacity: None)
     elif _lib() is None:
         pytest.skip("libzmq is not reachable through ctypes here")
     return request.param

@@ -163,6 +163,15 @@ def test_wrong_payload_lengths_and_missing_frames(target: Target) -> None:
     target.send_bad([encode_frame_header(GOOD)])  # the pixel frame never came
 
 
+def test_headers_over_the_limit(target: Target) -> None:
+    """Rejected with the same reason either way, whatever follows them in the message."""
+    limit = target.receiver.limits.max_header_bytes
+    for size, rest in ((limit + 1, [PAYLOAD]), (limit + 1, []), (3 * limit, [PAYLOAD, b"x"])):
+        target.send_bad([b" " * size, *rest])
+        assert target.receiver.stats.last_error == (
+            f"header is {size} bytes, more than the limit of {limit}")
+
+
 def test_unknown_major_versions(target: Target) -> None:
     @SETTINGS
     @given(st.integers(0, 2**31).filter(lambda m: m != 1), st.integers(0, 99))

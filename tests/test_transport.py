@@ -64,6 +64,7 @@ def test_round_trip_exact(runtime_dir: Path, transport: str, address: str,
                           recv_mode: str) -> None:
     with serving(_endpoint(address)) as served:
         assert served.endpoint.data.startswith(f"{address}://")
+        assert (served.receiver._take_header is not None) == (recv_mode == "libzmq")
         with Publisher(served.endpoint, transport=transport, strict=True,
                        strict_timeout=10) as pub:
             for i, (dtype, shape, kind, rgb) in enumerate(ITEMS):

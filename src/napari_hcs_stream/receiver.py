@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 
 from ._context import data_context
-from ._gilrecv import HeaderReceiver, header_receiver
+from ._gilrecv import HeaderReceiver, OversizePart, header_receiver
 from .endpoints import (
     Endpoint,
     bind_socket,
@@ -151,7 +151,7 @@ class Receiver:
         data, self._inode = bind_socket(sock, want.data, "listen on")
         self.socket = sock
         self._poll_items = [(sock, zmq.POLLIN)]
-        self._take_header = header_receiver(sock)
+        self._take_header = header_receiver(sock, self.limits.max_header_bytes + 1)
         self.endpoint = Endpoint(want.name, data, control_address or want.control)
         if not data.startswith(("tcp://127.", "tcp://[::1]", "ipc://", "inproc://")):
             log.warning("listening on %s: any host that reaches it can send frames "
@@ -212,11 +212,21 @@ class Receiver:
         if timeout_ms and not _zmq_poll(self._poll_items, timeout_ms):
             return 0
         take = self._take_header
+        if take is not None and take.capacity <= self.limits.max_header_bytes:  # limits grew
+            take.close()
+            take = self._take_header = header_receiver(sock, self.limits.max_header_bytes + 1)
         recv, option = sock.recv, sock.getsockopt
         n = 0
         while n < self.batch:
             if take is not None:
-                got = take()
+                try:
+                    got = take()
+                except OversizePart as oversize:  # over the header limit: its bytes are gone
+                    self._drain_parts(oversize.more)
+                    self._reject(UNKNOWN, f"header is {oversize.size} bytes, more than the "
+                                 f"limit of {self.limits.max_header_bytes}", None)
+                    n += 1
+                    continue
                 if got is None:
                     break
                 frames: list[Any] = [got[0]]
@@ -238,6 +248,13 @@ class Receiver:
             self.handle(frames)
             n += 1
         return n
+
+    def _drain_parts(self, more: bool) -> None:
+        """Receive and drop the rest of a message."""
+        sock = self.socket
+        assert sock is not None
+        while more:
+            more = sock.recv(0, copy=False).more
 
     def waiting(self) -> bool:
         """Whether a message can be received now; asked without releasing the GIL."""
