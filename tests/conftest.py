@@ -80,11 +80,10 @@ def runtime_dir(tmp_path_factory, monkeypatch) -> Path:
 def recv_mode(request, monkeypatch) -> str:
     """Headers received through libzmq with the GIL held (the default where it is reachable)
     or through pyzmq (the fallback everywhere else): every receiver test runs both ways."""
-    import napari_hcs_stream.receiver as receiver
     from napari_hcs_stream._gilrecv import _lib
+    from napari_hcs_stream.receiver import Receiver
 
-    if request.param == "pyzmq":
-        monkeypatch.setattr(receiver, "header_receiver", lambda sock, capacity: None)
-    elif _lib() is None:
+    if request.param == "libzmq" and _lib() is None:
         pytest.skip("libzmq is not reachable through ctypes here")
+    monkeypatch.setattr(Receiver, "keep_gil", request.param == "libzmq")
     return request.param

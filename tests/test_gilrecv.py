@@ -150,3 +150,24 @@ def test_another_libzmq_version_falls_back_to_pyzmq(monkeypatch) -> None:
         monkeypatch.undo()
         _gilrecv._lib.cache_clear()
     assert _gilrecv._lib() is not None
+
+
+def test_receivers_keep_the_gil_by_default_only_off_the_main_thread(runtime_dir) -> None:
+    from napari_hcs_stream.receiver import Receiver
+
+    kinds: dict[str, bool] = {}
+
+    def bind(name: str, **kwargs) -> None:
+        receiver = Receiver(f"gil-{name}", register=False, **kwargs)
+        receiver.bind()
+        try:
+            kinds[name] = receiver._take_header is not None
+        finally:
+            receiver.close()
+
+    bind("main")
+    thread = threading.Thread(target=bind, args=("thread",))
+    thread.start()
+    thread.join()
+    bind("forced", keep_gil=True)
+    assert kinds == {"main": False, "thread": True, "forced": True}

@@ -14,6 +14,7 @@ may be read from any thread (use :meth:`ReceiverStats.as_dict` for a consistent 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -95,7 +96,17 @@ class ReceiverStats:
 
 
 class Receiver:
-    """Binds the data address and turns messages into arrays in their final place."""
+    """Binds the data address and turns messages into arrays in their final place.
+
+    ``keep_gil``: receive headers without releasing the GIL (:mod:`._gilrecv`). By default
+    (None) a receiver bound in a background thread does, since it shares the GIL with a main
+    thread that has work of its own (napari's): giving the GIL away for a microsecond's
+    receive can cost milliseconds there. A receiver in the main thread usually has the
+    process to itself, and pyzmq's receive is about a microsecond cheaper.
+    """
+
+    #: the default for receivers not told otherwise (None: decided by the binding thread)
+    keep_gil: bool | None = None
 
     def __init__(
         self,
@@ -110,6 +121,7 @@ class Receiver:
         rcvhwm: int = 10000,
         batch: int = 256,
         context: zmq.Context | None = None,
+        keep_gil: bool | None = None,
     ) -> None:
         self.endpoint_spec = endpoint
         self.endpoint: Endpoint | None = None
@@ -121,6 +133,8 @@ class Receiver:
         self.register = register
         self.rcvhwm = rcvhwm
         self.batch = batch
+        if keep_gil is not None:
+            self.keep_gil = keep_gil
         self.stats = ReceiverStats()
         self.socket: zmq.Socket | None = None
         self._poll_items: list[tuple[zmq.Socket, int]] = []
@@ -151,7 +165,11 @@ class Receiver:
         data, self._inode = bind_socket(sock, want.data, "listen on")
         self.socket = sock
         self._poll_items = [(sock, zmq.POLLIN)]
-        self._take_header = header_receiver(sock, self.limits.max_header_bytes + 1)
+        keep = self.keep_gil
+        if keep is None:
+            keep = threading.current_thread() is not threading.main_thread()
+        if keep:
+            self._take_header = header_receiver(sock, self.limits.max_header_bytes + 1)
         self.endpoint = Endpoint(want.name, data, control_address or want.control)
         if not data.startswith(("tcp://127.", "tcp://[::1]", "ipc://", "inproc://")):
             log.warning("listening on %s: any host that reaches it can send frames "
