@@ -91,6 +91,10 @@ def test_a_closed_socket_raises_instead_of_touching_freed_memory(pair) -> None:
     pull.close()
     with pytest.raises(zmq.ZMQError):
         recv()
+    recv.close()
+    recv.close()  # idempotent
+    with pytest.raises(zmq.ZMQError):
+        recv()
 
 
 def test_the_gil_is_kept_while_receiving(pair) -> None:

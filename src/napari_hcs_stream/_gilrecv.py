@@ -121,6 +121,7 @@ class HeaderReceiver:
         self._size = ctypes.c_size_t()
         self._more_addr = ctypes.addressof(self._more)
         self._size_addr = ctypes.addressof(self._size)
+        self._closed = False
 
     def __call__(self) -> tuple[bytes, bool] | None:
         """The next message's first part and whether more parts follow, or None if none waits.
@@ -129,7 +130,7 @@ class HeaderReceiver:
         dropped), and pyzmq's exception for any other error (a closed context raises
         :class:`zmq.ContextTerminated`, as pyzmq's own receive would).
         """
-        if self._socket.closed:  # its handle may point to freed memory by now
+        if self._socket.closed or self._closed:  # the handle may point to freed memory
             raise zmq.ZMQError(errno.ENOTSOCK)
         lib, handle = self._lib, self._handle
         n = lib.recv(handle, self._addr, self.capacity, ZMQ_DONTWAIT)
@@ -154,6 +155,7 @@ class HeaderReceiver:
 
     def close(self) -> None:
         """Release the buffer's view; idempotent. Nothing in libzmq is held between calls."""
+        self._closed = True
         self._view.release()
 
 

@@ -216,8 +216,8 @@ class Receiver:
         With ``timeout_ms=0`` (the socket is already known readable, e.g. from a Poller) it
         goes straight to receiving.
 
-        Headers are taken without releasing the GIL where libzmq allows it
-        (:mod:`._gilrecv`): in napari's process every release can cost the listener up to the
+        A receiver that keeps the GIL (``keep_gil``) takes headers through
+        :mod:`._gilrecv`: in napari's process every release can cost the listener up to the
         interpreter's switch interval. Otherwise pyzmq receives, with as few calls per message
         as it can (each costs microseconds next to a 512x512 frame's 40 us copy): the header
         comes as a ``zmq.Frame``, whose ``more`` flag saves asking ``ZMQ_RCVMORE``, and
