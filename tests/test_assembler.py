@@ -639,3 +639,92 @@ def test_commit_for_another_item_lands_in_that_items_slot(asm: PlateAssembler) -
     b03 = data[asm._index["well"]["B03"], asm._index["site"][2], 0, 0, 0]
     b02 = data[asm._index["well"]["B02"], asm._index["site"][1], 0, 0, 0]
     assert (b03 == 7).all() and (b02 == 0).all()
+
+
+BIG = (256, 512)  # 256 KiB per uint16 frame: stacks this size may grow in place
+
+
+def _stack(asm: PlateAssembler) -> np.ndarray:
+    (layer,) = asm._layers.values()
+    return layer.stack
+
+
+def _wells(n: int) -> list[str]:
+    return [well_name(i // 12, i % 12) for i in range(n)]
+
+
+def test_more_wells_grow_the_same_memory_without_copying(asm):
+    """Along the first (well) axis a C-ordered stack keeps every byte where it was."""
+    first = None
+    for i, well in enumerate(_wells(9)):
+        put(asm, item(well, site=1, shape=BIG), i + 1)
+        first = _stack(asm) if first is None else first
+    stack = _stack(asm)
+    assert stack.shape[WELL] == 16 and asm.allocations == 5  # 1 -> 2 -> 4 -> 8 -> 16
+    assert asm.grown_in_place == 4
+    assert np.shares_memory(stack, first) and stack.ctypes.data == first.ctypes.data
+    for i in range(9):
+        assert (stack[i, 0] == i + 1).all()
+    assert not stack[9:].any()  # capacity not yet written is blank
+
+
+def test_growth_along_other_axes_or_of_the_item_still_copies(asm):
+    put(asm, item("A01", site=1, shape=BIG), 1)
+    before = _stack(asm)
+    put(asm, item("A01", site=2, shape=BIG), 2)  # the site axis: the layout changes
+    after = _stack(asm)
+    assert asm.grown_in_place == 0 and not np.shares_memory(before, after)
+    assert (after[0, 0] == 1).all() and (after[0, 1] == 2).all()
+    put(asm, item("A02", site=1, shape=(300, 512)), 3)  # a larger item: padded, copied
+    padded = _stack(asm)
+    assert padded.shape[-2:] == (300, 512) and not np.shares_memory(after, padded)
+    assert (padded[0, 0, 0, 0, 0, :256] == 1).all() and not padded[0, 0, 0, 0, 0, 256:].any()
+    assert (padded[1, 0, 0, 0, 0] == 3).all()
+
+
+def test_without_reserved_address_space_stacks_are_plain_and_copied(asm, monkeypatch):
+    from napari_hcs_stream import _stackmem
+
+    monkeypatch.setattr(_stackmem, "_reserve", lambda nbytes: None)
+    for i, well in enumerate(_wells(5)):
+        put(asm, item(well, site=1, shape=BIG), i + 1)
+    stack = _stack(asm)
+    assert asm.grown_in_place == 0 and _stackmem.reserved(stack) == 0
+    assert [int(stack[i, 0, 0, 0, 0, 0, 0]) for i in range(5)] == [1, 2, 3, 4, 5]
+
+
+def test_growth_past_the_reservation_copies_after_the_cap_is_raised():
+    from napari_hcs_stream import _stackmem
+
+    frame = 256 * 512 * 2
+    asm = PlateAssembler(max_bytes=4 * frame)  # reserves room for 4 wells
+    for i, well in enumerate(_wells(4)):
+        put(asm, item(well, site=1, shape=BIG), i + 1)
+    small = _stack(asm)
+    assert _stackmem.reserved(small) == 4 * frame and asm.grown_in_place == 2
+    asm.max_bytes = 64 * frame
+    put(asm, item("A05", site=1, shape=BIG), 5)  # capacity 8 does not fit 4 wells' room
+    big = _stack(asm)
+    assert not np.shares_memory(small, big) and big.shape[WELL] == 8
+    assert [int(big[i, 0, 0, 0, 0, 0, 0]) for i in range(5)] == [1, 2, 3, 4, 5]
+    put(asm, item("A06", site=1, shape=BIG), 6)  # and the new stack grows in place again
+    assert np.shares_memory(_stack(asm), big)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux /proc")
+def test_reserved_address_space_is_not_memory():
+    from napari_hcs_stream import _stackmem
+
+    asm = PlateAssembler(max_bytes=64 << 30)  # 64 GiB of address space per stack
+    before = _rss()
+    put(asm, item("A01", site=1, shape=BIG), 1)
+    assert _stackmem.reserved(_stack(asm)) == 64 << 30
+    assert _rss() - before < 32 << 20  # the frame and the process's own noise, not 64 GiB

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _stackmem
 from ._prefault import Prefaulter
 from .labels import channel_display_name, format_labels
 from .protocol import FrameHeader
@@ -335,6 +336,8 @@ class PlateAssembler:
         self._write_lock = threading.Lock()
         #: Stack allocations so far (creations and growths): O(log n) in the plate size.
         self.allocations = 0
+        #: growths along the first (well) axis that kept the stack's memory: no copy
+        self.grown_in_place = 0
         self.prefaulter = Prefaulter() if prefault else None
         self._reset()
 
@@ -511,8 +514,16 @@ class PlateAssembler:
                     dense = layer is not None and len(slots) == math.prod(layer.used)
                     used = tuple(slice(0, u) for u in layer.used) if layer is not None else ()
                     generation = self._generation
-                stack = np.zeros(new_shape, dtype=header.dtype)  # lazy pages: no RSS until written
-                if old is not None:
+                    reserve = self._max_bytes
+                # More wells: the same memory, longer (every slot already in place). Anything
+                # else: new memory (lazy pages: no RSS until written) and a copy.
+                grown = _stackmem.grow_in_place(old, new_shape) if old is not None else None
+                if grown is not None:
+                    stack = grown
+                    self.grown_in_place += 1
+                else:
+                    stack = _stackmem.zeros(new_shape, header.dtype, reserve)
+                if old is not None and grown is None:
                     # Copy only slots that were handed out: copying blank ones would touch (and
                     # so commit) pages of the new stack that nothing ever wrote.
                     item = tuple(slice(0, n) for n in old.shape[_N:])
