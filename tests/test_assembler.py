@@ -728,3 +728,33 @@ def test_reserved_address_space_is_not_memory():
     put(asm, item("A01", site=1, shape=BIG), 1)
     assert _stackmem.reserved(_stack(asm)) == 64 << 30
     assert _rss() - before < 32 << 20  # the frame and the process's own noise, not 64 GiB
+
+
+def test_a_time_lapse_copies_once_then_grows_along_time_in_place(asm):
+    """Every well's first timepoint, then the next ones: time becomes the outermost axis."""
+    from napari_hcs_stream import _stackmem
+
+    wells = _wells(4)
+    for i, well in enumerate(wells):  # t = 0: the wells grow in place
+        put(asm, item(well, site=1, t=0, shape=BIG), 100 + i)
+    assert asm.grown_in_place == 2  # 1 -> 2 -> 4 wells
+    before = _stack(asm)
+    put(asm, item("A01", site=1, t=1, shape=BIG), 200)  # time 1 -> 2: one copy, new layout
+    relaid = _stack(asm)
+    assert not np.shares_memory(before, relaid) and asm.grown_in_place == 2
+    assert relaid.strides[T] > relaid.strides[WELL]  # time is now outermost in memory
+    assert _stackmem.memory(relaid).flags.c_contiguous
+    for t in range(1, 9):
+        for i, well in enumerate(wells):
+            put(asm, item(well, site=1, t=t, shape=BIG), 100 * (t + 1) + i)
+    stack = _stack(asm)
+    assert stack.shape[T] == 16 and asm.grown_in_place == 2 + 3  # 2 -> 4 -> 8 -> 16 in place
+    assert np.shares_memory(stack, relaid)
+    for t in range(9):
+        for i in range(4):
+            assert (stack[i, 0, 0, t, 0] == 100 * (t + 1) + i).all()
+    # the steady state still hands out views whose base is the layer's memory (no copy back)
+    (layer,) = asm._layers.values()
+    dest = asm.destination(item("A02", site=1, t=3, shape=BIG))
+    assert dest.base is layer.memory and dest.flags.c_contiguous
+    asm.commit(item("A02", site=1, t=3, shape=BIG), dest)

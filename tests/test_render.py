@@ -182,3 +182,26 @@ def test_timer_follows_the_listener_load_between_ticks(viewer, assembler):
         assert render._timer.interval() == render.pacer.interval_ms == 50
     finally:
         render.close()
+
+
+def test_a_time_lapse_stack_laid_out_time_first_shows_the_right_planes(viewer, assembler, tick):
+    """After a time-lapse relayout the stack's axes are strided out of order: napari still
+    gets the right plane for every slider position."""
+    from napari_hcs_stream import _stackmem
+
+    big = (256, 512)
+    for t in range(3):
+        for w, well in enumerate(("A01", "A02")):
+            put(assembler, plane(10 * t + w + 1, big), well=well, site=1, t=t)
+        tick.tick()
+    layer = layer_named(viewer, "out [run1]")
+    memory = _stackmem.memory(layer.data)
+    assert not layer.data.flags.c_contiguous and memory.flags.c_contiguous
+    t_axis = STACK_AXES.index("t")
+    for t in range(3):
+        for w in range(2):
+            step = [0] * layer.ndim
+            step[0], step[t_axis] = w, t
+            viewer.dims.current_step = tuple(step)
+            shown = np.asarray(layer._slice.image.view)
+            assert shown.shape == big and (shown == 10 * t + w + 1).all()

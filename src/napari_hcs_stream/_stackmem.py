@@ -7,14 +7,17 @@ frames, four sites), in the listener thread, and briefly holds both copies in me
 development VM, where touching fresh memory costs the host up to 10 ms per 2 MiB, the growths
 at wells 17, 33 and 65 of the benchmark plate stalled the listener for 0.4-0.9 s each.
 
-In C order, a stack whose first axis grows keeps every existing element at the same byte
+A stack whose memory-outermost axis grows keeps every existing element at the same byte
 offset. So a stack is made over an anonymous mapping with address space reserved up to the
 assembler's memory cap (``MAP_NORESERVE``: nothing is committed until written, and unwritten
-pages stay out of the process's memory), and growing it along the first axis is a new array
-over the same mapping: no copy, no second copy in memory, no stall. Growth along any other
-axis, or of the item shape, changes the layout and still copies (:func:`grow_in_place` returns
-None). Where the reservation is refused (a strict overcommit policy, an address-space limit,
-another system) the stack is a plain ``np.zeros`` and everything works as before.
+pages stay out of the process's memory), and growing it along that axis is a new array over
+the same mapping: no copy, no second copy in memory, no stall. The well axis starts
+outermost. Growth along another axis (time in a time-lapse, once every well has its first
+frame) copies once into a new stack laid out with *that* axis outermost (numpy strides; the
+item axes stay innermost and contiguous), so its later growths are in place too. Growth of the
+item shape always copies (:func:`grow_in_place` returns None). Where the reservation is
+refused (a strict overcommit policy, an address-space limit, another system) the stack is a
+plain ``np.zeros`` and every growth copies, as before.
 """
 
 from __future__ import annotations
@@ -51,29 +54,55 @@ def _reserve(nbytes: int) -> mmap.mmap | None:
     return mm
 
 
-def zeros(shape: tuple[int, ...], dtype: np.dtype | str, reserve: int) -> np.ndarray:
-    """A zero-filled C-ordered stack of ``shape`` that can later grow in place along its first
-    axis up to ``reserve`` bytes (at least its own size), or a plain ``np.zeros``."""
+def _order(ndim: int, outer: int) -> tuple[int, ...]:
+    """Memory order of a stack's axes: ``outer`` first, the rest as they come."""
+    return (outer, *(a for a in range(ndim) if a != outer))
+
+
+def _over(mm: mmap.mmap, shape: tuple[int, ...], dtype: np.dtype, outer: int) -> np.ndarray:
+    """An array of ``shape`` over ``mm`` whose axis ``outer`` is outermost in memory."""
+    order = _order(len(shape), outer)
+    memory = np.ndarray(tuple(shape[a] for a in order), dtype=dtype, buffer=mm)
+    return memory if outer == 0 else memory.transpose(np.argsort(order))
+
+
+def zeros(shape: tuple[int, ...], dtype: np.dtype | str, reserve: int,
+          outer: int = 0) -> np.ndarray:
+    """A zero-filled stack of ``shape`` that can later grow in place along axis ``outer`` (laid
+    out outermost in memory) up to ``reserve`` bytes (at least its own size), or a plain
+    C-ordered ``np.zeros`` where no address space can be reserved."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     mm = _reserve(max(nbytes, reserve)) if nbytes >= MIN_STACK else None
     if mm is None:
         return np.zeros(shape, dtype=dtype)
-    return np.ndarray(shape, dtype=dtype, buffer=mm)
+    return _over(mm, shape, dtype, outer)
 
 
-def grow_in_place(old: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
-    """``old`` with a larger first axis, over the same memory, if its layout allows it."""
-    mm = old.base
-    if (not isinstance(mm, mmap.mmap) or len(shape) != old.ndim or shape[1:] != old.shape[1:]
-            or shape[0] < old.shape[0] or not old.flags.c_contiguous):
+def memory(stack: np.ndarray) -> np.ndarray:
+    """The array that views of ``stack`` name as their ``base``: the C-ordered array over the
+    stack's memory (the stack itself unless its axes are laid out in another order)."""
+    base = stack.base
+    return base if isinstance(base, np.ndarray) else stack
+
+
+def grow_in_place(old: np.ndarray, shape: tuple[int, ...], outer: int) -> np.ndarray | None:
+    """``old`` grown along axis ``outer`` only (the axis outermost in its memory), over the
+    same memory; None if anything else changed, the layout differs, or it would not fit."""
+    base = memory(old)
+    mm = base.base
+    order = _order(old.ndim, outer)
+    if (not isinstance(mm, mmap.mmap) or len(shape) != old.ndim or shape[outer] < old.shape[outer]
+            or any(shape[a] != old.shape[a] for a in range(old.ndim) if a != outer)
+            or base.shape != tuple(old.shape[a] for a in order)
+            or not base.flags.c_contiguous):
         return None
     if math.prod(shape) * old.dtype.itemsize > len(mm):
         return None  # beyond the reservation (the memory cap was raised since)
-    return np.ndarray(shape, dtype=old.dtype, buffer=mm)
+    return _over(mm, shape, old.dtype, outer)
 
 
 def reserved(stack: np.ndarray) -> int:
     """Bytes of address space behind ``stack`` if it can grow in place, else 0."""
-    mm = stack.base
+    mm = memory(stack).base
     return len(mm) if isinstance(mm, mmap.mmap) else 0

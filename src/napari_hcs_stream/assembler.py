@@ -239,6 +239,10 @@ class _Layer:
         self.rgb = header.rgb
         self.layer_values = layer_values
         self.stack = stack
+        #: what views of the stack name as their base (``_stackmem.memory``)
+        self.memory = _stackmem.memory(stack)
+        #: the stack axis laid out outermost in memory: growing it needs no copy
+        self.outer = 0
         self.item_shape: tuple[int, ...] = stack.shape[_N:]
         self.used = [0] * _N
         self.slots: set[tuple[int, ...]] = set()  # stack indices handed out, for growth copies
@@ -515,14 +519,23 @@ class PlateAssembler:
                     used = tuple(slice(0, u) for u in layer.used) if layer is not None else ()
                     generation = self._generation
                     reserve = self._max_bytes
-                # More wells: the same memory, longer (every slot already in place). Anything
-                # else: new memory (lazy pages: no RSS until written) and a copy.
-                grown = _stackmem.grow_in_place(old, new_shape) if old is not None else None
+                    outer = layer.outer if layer is not None else 0
+                # Growth along the axis outermost in memory (the wells, to begin with): the
+                # same memory, longer, every slot already in place. Anything else: new memory
+                # (lazy pages: no RSS until written) laid out with the axis that grew outermost,
+                # so that its next growths are in place, and a copy.
+                grown = None
+                if old is not None:
+                    axes = [p for p in range(_N) if new_shape[p] != old.shape[p]]
+                    if new_shape[_N:] == old.shape[_N:] and axes == [outer]:
+                        grown = _stackmem.grow_in_place(old, new_shape, outer)
+                    elif axes:
+                        outer = axes[0]
                 if grown is not None:
                     stack = grown
                     self.grown_in_place += 1
                 else:
-                    stack = _stackmem.zeros(new_shape, header.dtype, reserve)
+                    stack = _stackmem.zeros(new_shape, header.dtype, reserve, outer)
                 if old is not None and grown is None:
                     # Copy only slots that were handed out: copying blank ones would touch (and
                     # so commit) pages of the new stack that nothing ever wrote.
@@ -540,6 +553,7 @@ class PlateAssembler:
                     else:
                         self._nbytes -= layer.stack.nbytes
                         layer.stack, layer.item_shape, layer.view = stack, stack.shape[_N:], None
+                        layer.memory, layer.outer = _stackmem.memory(stack), outer
                     self._nbytes += stack.nbytes
                     self.allocations += 1
             region = tuple(slice(0, n) for n in header.shape)
@@ -610,7 +624,7 @@ class PlateAssembler:
                 handoff, self._handoff = self._handoff, None
                 if (handoff is not None and handoff[0] is header
                         and self._layers.get(handoff[1].key) is handoff[1]
-                        and handoff[3].base is handoff[1].stack):
+                        and handoff[3].base is handoff[1].memory):
                     layer, idx, region, new_slot = handoff[1:]
                 else:  # not what destination() just handed out: route it again
                     new_slot = True  # unknown: let the prefaulter decide
@@ -626,7 +640,7 @@ class PlateAssembler:
                 )
                 if sample_due:
                     layer.contrast_time = now
-            if array.base is not layer.stack:
+            if array.base is not layer.memory:
                 region[...] = array
             # Estimate before marking dirty, so a new layer's first update carries its limits.
             limits = self._refine_contrast(layer, region) if sample_due else None
@@ -638,11 +652,11 @@ class PlateAssembler:
                 if limits is not None and limits != layer.contrast:
                     layer.contrast = layer.contrast_pending = limits
                 self._mark_dirty(layer, idx)
-                stack = layer.stack
+                stack, memory = layer.stack, layer.memory
             if self.prefaulter is not None and new_slot:  # frames now reach further
-                strides = stack.strides
-                end = sum(i * s for i, s in zip(idx, strides, strict=False)) + strides[_N - 1]
-                self.prefaulter.advance(stack, end)
+                # byte offsets within the stack's memory, whatever order its axes are laid in
+                end = sum(i * s for i, s in zip(idx, stack.strides, strict=False)) + region.nbytes
+                self.prefaulter.advance(memory, end)
 
     @staticmethod
     def _refine_contrast(layer: _Layer, region: np.ndarray) -> tuple[float, float] | None:
