@@ -1,4 +1,4 @@
-"""Stack memory that grows along its first axis without moving.
+"""Stack memory that grows along its outermost axis without moving.
 
 A plate stack grows geometrically as wells arrive, and the well is its first axis. With
 ``np.zeros`` each growth allocates a new array and copies every frame received so far into

@@ -340,7 +340,7 @@ class PlateAssembler:
         self._write_lock = threading.Lock()
         #: Stack allocations so far (creations and growths): O(log n) in the plate size.
         self.allocations = 0
-        #: growths along the first (well) axis that kept the stack's memory: no copy
+        #: growths along the axis outermost in memory, which kept the stack's memory: no copy
         self.grown_in_place = 0
         self.prefaulter = Prefaulter() if prefault else None
         self._reset()
@@ -536,15 +536,15 @@ class PlateAssembler:
                     self.grown_in_place += 1
                 else:
                     stack = _stackmem.zeros(new_shape, header.dtype, reserve, outer)
-                if old is not None and grown is None:
-                    # Copy only slots that were handed out: copying blank ones would touch (and
-                    # so commit) pages of the new stack that nothing ever wrote.
-                    item = tuple(slice(0, n) for n in old.shape[_N:])
-                    if dense:
-                        stack[used + item] = old[used]
-                    else:
-                        for slot_index in slots:
-                            stack[slot_index + item] = old[slot_index]
+                    if old is not None:
+                        # Copy only slots that were handed out: copying blank ones would touch
+                        # (and so commit) pages of the new stack that nothing ever wrote.
+                        item = tuple(slice(0, n) for n in old.shape[_N:])
+                        if dense:
+                            stack[used + item] = old[used]
+                        else:
+                            for slot_index in slots:
+                                stack[slot_index + item] = old[slot_index]
                 with self._lock:
                     if generation != self._generation or self._layers.get(key) is not layer:
                         continue  # cleared meanwhile: route again
