@@ -78,8 +78,9 @@ def runtime_dir(tmp_path_factory, monkeypatch) -> Path:
 
 @pytest.fixture(params=["libzmq", "pyzmq"])
 def recv_mode(request, monkeypatch) -> str:
-    """Headers received through libzmq with the GIL held (the default where it is reachable)
-    or through pyzmq (the fallback everywhere else): every receiver test runs both ways."""
+    """Headers received through libzmq with the GIL held (what a receiver bound off the main
+    thread does where libzmq is reachable) or through pyzmq (in the main thread, and the
+    fallback everywhere else): every receiver test that takes this runs both ways."""
     from napari_hcs_stream._gilrecv import _lib
     from napari_hcs_stream.receiver import Receiver
 
