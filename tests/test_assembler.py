@@ -758,3 +758,35 @@ def test_a_time_lapse_copies_once_then_grows_along_time_in_place(asm):
     dest = asm.destination(item("A02", site=1, t=3, shape=BIG))
     assert dest.base is layer.memory and dest.flags.c_contiguous
     asm.commit(item("A02", site=1, t=3, shape=BIG), dest)
+
+
+def test_any_arrival_order_keeps_every_frame_where_it_belongs():
+    """Random arrival orders over wells, sites, time and z, with frames big enough for the
+    reserved (in-place and relaid-out) stacks: every slot holds its latest frame."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    coords = st.tuples(st.integers(0, 5), st.integers(1, 3), st.integers(0, 4),
+                       st.integers(0, 3))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(coords, min_size=1, max_size=24))
+    def check(order: list[tuple[int, int, int, int]]) -> None:
+        asm = PlateAssembler(max_bytes=1 << 30, prefault=False)
+        latest: dict[tuple[int, int, int, int], int] = {}
+        for n, (w, site, t, z) in enumerate(order, start=1):
+            put(asm, item(_wells(6)[w], site=site, t=t, z=z, shape=BIG), n)
+            latest[(w, site, t, z)] = n
+        for (w, site, t, z), value in latest.items():
+            found = asm._locate(item(_wells(6)[w], site=site, t=t, z=z, shape=BIG))
+            assert found is not None
+            layer, idx = found
+            assert (layer.stack[idx] == value).all()
+            assert (layer.trimmed()[idx] == value).all()
+        (layer,) = asm._layers.values()
+        written = {asm._locate(item(_wells(6)[w], site=s, t=t, z=z, shape=BIG))[1]
+                   for w, s, t, z in latest}
+        blank = [i for i in np.ndindex(*layer.stack.shape[:5]) if i not in written]
+        assert all(not layer.stack[i].any() for i in blank[:50])
+
+    check()
