@@ -274,11 +274,6 @@ class Receiver:
         while more:
             more = sock.recv(0, copy=False).more
 
-    def waiting(self) -> bool:
-        """Whether a message can be received now; asked without releasing the GIL."""
-        sock = self.socket
-        return sock is not None and bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
-
     def handle(self, frames: list[Any]) -> bool:
         """One message; True when a frame was copied into place (or a Bye was taken)."""
         head = frames[0]

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from ..control import DEFER, ControlServer, Token
-from ..endpoints import endpoint_to_bind
+from ..endpoints import endpoint_to_bind, readable
 from ..protocol import CONTROL_COMMANDS
 from ..receiver import Receiver
 
@@ -87,13 +87,7 @@ class ListenerSockets:
     def ready_now(self) -> dict[Any, int]:
         """The sockets with a message waiting, asked without releasing the GIL (a poll
         releases it, and in napari's process getting it back can take milliseconds)."""
-        ready: dict[Any, int] = {}
-        if self.receiver.waiting():
-            ready[self.receiver.socket] = zmq.POLLIN
-        control = self.control.socket
-        if control is not None and int(control.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            ready[control] = zmq.POLLIN
-        return ready
+        return {sock: zmq.POLLIN for sock in self.sockets() if readable(sock)}
 
     def service(self, ready: dict[Any, int]) -> None:
         """Handle what is waiting: a batch of frames, then every control request."""

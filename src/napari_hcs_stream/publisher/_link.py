@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import cast
 
 import zmq
 
 from .._context import data_context
-from ..endpoints import Endpoint
+from ..endpoints import Endpoint, readable
 from ..protocol import Bye, encode_bye
 from ..ring import ShmRing
 
@@ -43,7 +42,7 @@ class Link:
         """Read (un)subscriptions without blocking; the viewer leaving frees every slot."""
         sock = self.socket
         assert sock is not None
-        while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while readable(sock):
             try:
                 msg: bytes = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
