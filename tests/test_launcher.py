@@ -151,6 +151,7 @@ def test_viewer_killed_mid_run_does_not_fail_the_pipeline(endpoint_name: str, tm
     assert sum(s["sent"] + s["dropped"] for s in stats) == 96 * 2 * 3  # 2 channels + labels
     assert sum(s["dropped"] for s in stats) > 0
     assert max(s["max_publish_s"] for s in stats) < 0.5  # every publish bounded
+    assert all(0 <= s["waited_s"] < 30 for s in stats)  # time the viewer held workers back
     assert manager.ping() is None
 
 

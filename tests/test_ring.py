@@ -96,6 +96,24 @@ def test_acquire_waits_at_most_its_timeout() -> None:
         assert 0.04 < time.monotonic() - start < 0.5
 
 
+def test_time_spent_waiting_for_a_slot_is_added_up_in_the_header(reader: RingReader) -> None:
+    with ShmRing(4096, 1) as ring:
+        slot = ring.acquire()
+        assert ring.acquire(timeout=0) is None and ring.waited_ns == 0  # no wait, no time
+        gen = ring.write(slot, np.zeros((2, 2), np.uint8))[1]
+        start = time.monotonic_ns()
+        assert ring.acquire(timeout=0.05) is None
+        elapsed = time.monotonic_ns() - start
+        assert 0.04e9 < ring.waited_ns <= elapsed
+        word = struct.unpack_from("<Q", Path("/dev/shm", ring.name).read_bytes(), 40)[0]
+        assert word == ring.waited_ns  # documented place: the u64 after the header fields
+        reader.copy_into(ref(ring, slot, 4, gen), np.empty((2, 2), np.uint8))
+        assert reader.waited_ns(ring.name) == ring.waited_ns
+        assert ring.acquire(timeout=0.05) == slot  # consumed: no wait
+        assert reader.waited_ns(ring.name) == word
+    assert reader.waited_ns("hcs_1_00000000") == 0  # not attached
+
+
 def test_unacknowledged_slots_are_reclaimed_after_an_age(reader: RingReader) -> None:
     with ShmRing(4096, 1, reclaim_age=0.05) as ring:
         a = np.zeros((2, 2), np.uint8)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from napari_hcs_stream.protocol import (
     encode_frame_header,
 )
 from napari_hcs_stream.publisher import DeliveryError, Publisher
+from napari_hcs_stream.publisher._publisher import SLOTS_BUSY
 from napari_hcs_stream.receiver import Receiver
 from napari_hcs_stream.ring import ShmRing, sweep_stale_segments
 from transport_helpers import (
@@ -214,6 +216,27 @@ def test_without_a_viewer_publish_is_bounded_and_counted(runtime_dir: Path) -> N
     assert time.monotonic() - start < 2.0
 
 
+def test_a_publisher_counts_the_time_the_viewer_held_it_back(runtime_dir: Path) -> None:
+    gate = threading.Event()
+
+    def slow_destination(h: FrameHeader) -> None:
+        gate.wait(10)  # the viewer is busy: the only slot stays in flight meanwhile
+        return None
+
+    with serving("slow", destination=slow_destination) as served:
+        pub = Publisher("slow", ring_slots=1, send_timeout=0.05, connect_timeout=10)
+        try:
+            assert pub.publish(np.zeros((8, 8), np.uint16), z=0)
+            assert pub.stats.waited_s == 0  # a free slot: no wait
+            assert not pub.publish(np.zeros((8, 8), np.uint16), z=1)
+            assert pub.stats.last_drop_reason == SLOTS_BUSY
+            assert 0.04 < pub.stats.waited_s < 5
+        finally:
+            gate.set()
+            wait_until(lambda: served.count() == 1, timeout=10)
+            pub.close()
+
+
 def test_strict_mode_raises_instead_of_dropping(runtime_dir: Path) -> None:
     pub = Publisher("nobody-strict", strict=True, strict_timeout=0.2)
     with pytest.raises(DeliveryError, match="no viewer connected"):
@@ -328,6 +351,36 @@ def test_a_slot_rewritten_before_the_copy_is_torn_and_never_shown(runtime_dir: P
         sock.close()
         receiver.close()
         ring.close()
+
+
+def test_time_a_producer_waited_for_the_receiver_is_counted(runtime_dir: Path) -> None:
+    """A producer waits for a free slot while the receiver is behind: ``waited_s`` says how
+    long, and keeps counting across a replaced ring and after the receiver closes."""
+    first, second = ShmRing(4096, 1), ShmRing(8192, 1)
+    seen: list[int] = []
+    receiver = Receiver("waits", on_frame=lambda h, a: seen.append(h.seq))
+    receiver.bind()
+    sock = raw_xpub(receiver.endpoint.data, receiver)
+    try:
+        sock.send(_raw_frame(first, 0, np.zeros((8, 8), np.uint16)))
+        assert first.acquire(timeout=0.05) is None  # the receiver has not taken frame 0 yet
+        poll_until(receiver, lambda: seen == [0])
+        receiver.update_waited()
+        waited = receiver.stats.producers["raw:1"].waited_s
+        assert waited == first.waited_ns / 1e9 and waited > 0.04
+        sock.send(_raw_frame(second, 1, np.zeros((8, 8), np.uint16)))  # a bigger ring
+        assert second.acquire(timeout=0.03) is None
+        poll_until(receiver, lambda: seen == [0, 1])
+        receiver.update_waited()
+        total = (first.waited_ns + second.waited_ns) / 1e9
+        assert receiver.stats.producers["raw:1"].waited_s == pytest.approx(total)
+        assert receiver.stats.as_dict()["producers"]["raw:1"]["waited_s"] == pytest.approx(total)
+    finally:
+        sock.close()
+        receiver.close()
+        first.close()
+        second.close()
+    assert receiver.stats.producers["raw:1"].waited_s == pytest.approx(total)
 
 
 def test_bad_destinations_and_failing_callbacks_are_rejected_not_fatal(runtime_dir: Path

@@ -189,7 +189,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"  flush: {reply.get('error')}", file=sys.stderr)
         sent = sum(p.get("sent", 0) for p in result.producers.values())
         dropped = sum(p.get("dropped", 0) for p in result.producers.values())
-        print(f"done in {result.duration:.1f} s: {sent} frames streamed, {dropped} dropped")
+        waited = sum(p.get("waited_s", 0.0) for p in result.producers.values())
+        print(f"done in {result.duration:.1f} s: {sent} frames streamed, {dropped} dropped; "
+              f"workers waited {waited:.2f} s for the viewer")
         for manager in managers:
             state = manager.state()
             for layer in state.get("layers", []):

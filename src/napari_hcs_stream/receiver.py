@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -74,6 +74,10 @@ class ProducerStats:
     first_seen: float = 0.0
     last_seen: float = 0.0
     closed: bool = False
+    #: seconds this producer has waited for a free slot in its shared-memory ring, i.e. been
+    #: held back by this receiver (local producers; brought up to date by
+    #: :meth:`Receiver.update_waited`).
+    waited_s: float = 0.0
 
 
 @dataclass
@@ -143,6 +147,7 @@ class Receiver:
         self._own_context = context is None
         self._reader = RingReader()
         self._segments: dict[str, set[str]] = {}
+        self._waited_before: dict[str, int] = {}  # ns waited on a producer's earlier rings
         self._registered = False
         self._inode: int | None = None
         self._dtypes: dict[str, tuple[np.dtype, np.dtype]] = {}
@@ -193,6 +198,8 @@ class Receiver:
             self._poll_items = []
             if self.endpoint is not None:
                 remove_ipc_file(self.endpoint.data, self._inode)
+        for producer, names in list(self._segments.items()):
+            self._forget_segments(producer, names)  # keeps what they waited in the counts
         self._reader.close()
         self._segments.clear()
         if self._registered and self.endpoint is not None:
@@ -381,9 +388,30 @@ class Receiver:
 
     def _new_segment(self, producer: str, segment: str) -> None:
         """A producer only replaces its ring once nothing is in flight: drop the old ones."""
-        for old in self._segments.get(producer, ()):
-            self._reader.release(old)
+        self._forget_segments(producer, self._segments.get(producer, ()))
         self._segments[producer] = {segment}
+
+    def _forget_segments(self, producer: str, names: Iterable[str]) -> None:
+        """Unmap a producer's rings, keeping the time it waited on them."""
+        for name in names:
+            waited = self._reader.waited_ns(name)
+            if waited:
+                self._waited_before[producer] = self._waited_before.get(producer, 0) + waited
+            self._reader.release(name)
+        self._set_waited(producer)
+
+    def _set_waited(self, producer: str) -> None:
+        ps = self.stats.producers.get(producer)
+        if ps is not None:
+            waited = self._waited_before.get(producer, 0) + sum(
+                self._reader.waited_ns(name) for name in self._segments.get(producer, ()))
+            ps.waited_s = waited / 1e9
+
+    def update_waited(self) -> None:
+        """Bring every producer's ``waited_s`` up to date from its ring's header (a read of
+        shared memory per producer: call it for a status snapshot, not per frame)."""
+        for producer in list(self.stats.producers):
+            self._set_waited(producer)
 
     def _call(self, callback: FrameCallback, h: FrameHeader, array: np.ndarray,
               ps: ProducerStats) -> bool:
@@ -403,8 +431,7 @@ class Receiver:
         if bye.seq > ps.last_seq:
             self._advance(ps, bye.seq)
         ps.closed = True
-        for name in self._segments.pop(bye.producer, ()):
-            self._reader.release(name)
+        self._forget_segments(bye.producer, self._segments.pop(bye.producer, ()))
 
     def _reject(self, producer: str, reason: str, seq: int | None,
                 ps: ProducerStats | None = None) -> bool:

@@ -35,6 +35,9 @@ LINE_BYTES = 64
 PAGE = 4096
 SEGMENT_PREFIX = "hcs_"
 _HEADER = struct.Struct("<8sIIQQQ")  # magic, layout version, nslots, slot_bytes, pid, data_offset
+#: u64 word of the header (after the fields above) where the producer adds up the nanoseconds
+#: it spent waiting for a free slot: how much the receiver holds it back (0: never).
+_WAITED_WORD = _HEADER.size // 8
 _WORDS = LINE_BYTES // 8  # u64 words per slot control line
 _FREE, _RESERVED, _IN_FLIGHT = 0, 1, 2
 SHM_DIR = Path("/dev/shm")
@@ -151,6 +154,7 @@ class ShmRing:
                           self.data_offset)
         self._ctrl: memoryview | None = buf[HEADER_BYTES:HEADER_BYTES + nslots * LINE_BYTES].cast(
             "Q")
+        self._header: memoryview | None = buf[:HEADER_BYTES].cast("Q")
         self._data: np.ndarray | None = np.frombuffer(buf, np.uint8)
         self._state = [_FREE] * nslots
         self._since = [0.0] * nslots
@@ -206,15 +210,26 @@ class ShmRing:
         slot = self._scan()
         if slot is not None or timeout <= 0:
             return slot
-        deadline = time.monotonic() + timeout
+        header = self._header
+        assert header is not None, "the ring is closed"
+        last = time.monotonic_ns()
+        deadline = last + int(timeout * 1e9)
         spins = 0
         while True:
             # yield twice, then nap: spinning would steal the CPU the receiver needs
             spins += 1
             time.sleep(0 if spins < 3 else 0.0001)
             slot = self._scan()
-            if slot is not None or time.monotonic() >= deadline:
+            now = time.monotonic_ns()
+            header[_WAITED_WORD] += now - last  # tells the receiver it holds us back
+            last = now
+            if slot is not None or now >= deadline:
                 return slot
+
+    @property
+    def waited_ns(self) -> int:
+        """Nanoseconds spent so far waiting for the receiver to free a slot."""
+        return 0 if self._header is None else int(self._header[_WAITED_WORD])
 
     def write(self, slot: int, array: np.ndarray) -> tuple[int, int]:
         """Copy ``array`` (any strides, any byte order) into ``slot`` as little-endian C order.
@@ -256,6 +271,9 @@ class ShmRing:
             return
         self._ctrl.release()
         self._ctrl = None
+        if self._header is not None:
+            self._header.release()
+            self._header = None
         self._data = None
         self._slots.close()
         with contextlib.suppress(BufferError):
@@ -304,11 +322,17 @@ class _Mapping:
         self.nslots, self.slot_bytes, self.data_offset = nslots, slot_bytes, data_offset
         self.ctrl: memoryview = memoryview(self._mm)[
             HEADER_BYTES:HEADER_BYTES + nslots * LINE_BYTES].cast("Q")
+        self.header: memoryview = memoryview(self._mm)[:HEADER_BYTES].cast("Q")
         self.data: np.ndarray = np.frombuffer(self._mm, np.uint8)
         self.slots = _SlotViews(self.data)
 
+    @property
+    def waited_ns(self) -> int:
+        return int(self.header[_WAITED_WORD])
+
     def close(self) -> None:
         self.ctrl.release()
+        self.header.release()
         self.slots.close()
         del self.data
         with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it later
@@ -384,6 +408,12 @@ class RingReader:
         if ctrl[gi] != gen:
             raise TornRead("overwritten while copying")
         ctrl[gi + 1] = gen  # consumed: the producer may reuse the slot
+
+    def waited_ns(self, name: str) -> int:
+        """Nanoseconds the owner of segment ``name`` has waited so far for a free slot (0 if
+        the segment is not attached, or its producer does not count)."""
+        m = self._maps.get(name)
+        return 0 if m is None else m.waited_ns
 
     def release(self, name: str) -> None:
         m = self._maps.pop(name, None)

@@ -61,6 +61,10 @@ class PublisherStats:
     oversize: int = 0
     bytes_sent: int = 0
     last_drop_reason: str = ""
+    #: seconds spent waiting for the viewer to free a shared-memory slot: how much the viewer
+    #: held this publisher back (each wait lasts at most ``send_timeout``, or
+    #: ``strict_timeout`` in strict mode).
+    waited_s: float = 0.0
     drop_reasons: Counter[str] = field(default_factory=Counter)
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
@@ -139,6 +143,7 @@ class Publisher:
         self.reclaim_age = reclaim_age
         self.limits = limits
         self.stats = PublisherStats()
+        self._waited_before = 0  # ns waited on rings since replaced
         self._lock = threading.Lock()
         self._viewer_pid: int | None = None
         if "://" not in self.endpoint.name and lookup_endpoint(self.endpoint.name) is not None:
@@ -267,9 +272,12 @@ class Publisher:
             if ring is None or (nbytes > ring.slot_bytes and not ring.pending()):
                 ring = link.ring = self._new_ring(ring, nbytes)
             if nbytes <= ring.slot_bytes:
-                slot = ring.acquire(patience)
-                if slot is None:
-                    return self._drop(SLOTS_BUSY)
+                slot = ring.acquire()
+                if slot is None:  # every slot in flight: wait for the viewer, and count it
+                    slot = ring.acquire(patience)
+                    self.stats.waited_s = (self._waited_before + ring.waited_ns) / 1e9
+                    if slot is None:
+                        return self._drop(SLOTS_BUSY)
                 offset, gen = ring.write(slot, arr)
                 header = b'%s,"pixels":{"shm":{"segment":"%s","offset":%d,"nbytes":%d,' \
                          b'"slot":%d,"generation":%d}}}' % (head, ring.name_bytes, offset,
@@ -306,6 +314,7 @@ class Publisher:
         """Created on first use, sized for the frames actually sent; replaced by a bigger one
         (never a smaller one) only while nothing is in flight, so no header points at it."""
         if old is not None:
+            self._waited_before += old.waited_ns
             old.close()
         slot_bytes = max(align(nbytes), self.min_slot_bytes)
         return ShmRing(slot_bytes, self.ring_slots or _auto_slots(slot_bytes, self.ring_bytes),

@@ -136,9 +136,10 @@ class Pipeline:
 class RunResult:
     """What a run did: files written per output, and each producer's counts.
 
-    ``producers`` maps producer id -> {"last_seq", "sent", "dropped", "max_publish_s"}:
-    ``last_seq`` is what a viewer needs to ``flush`` (wait until all of it is shown), and
-    ``max_publish_s`` the slowest publish (the cost the viewer put on the pipeline).
+    ``producers`` maps producer id -> {"last_seq", "sent", "dropped", "max_publish_s",
+    "waited_s", "endpoint"}: ``last_seq`` is what a viewer needs to ``flush`` (wait until all
+    of it is shown), ``max_publish_s`` the slowest publish and ``waited_s`` the time spent
+    waiting for the viewer to free shared memory (the cost the viewer put on the pipeline).
     ``unavailable`` counts, per endpoint, items not published because no publisher could be
     opened there.
     """
@@ -264,7 +265,7 @@ def _stats(sink: _Sink) -> dict[str, Any]:
     return {"last_seq": int(publisher.last_seq), "sent": int(get("sent", 0)),
             "dropped": int(get("dropped", 0)) + sink.failed,
             "max_publish_s": float(slowest() if callable(slowest) else slowest),
-            "endpoint": str(sink.key[2])}
+            "waited_s": float(get("waited_s", 0.0)), "endpoint": str(sink.key[2])}
 
 
 def _channel_names(cfg: StreamingConfig, names: tuple[str, ...]) -> list[str]:
