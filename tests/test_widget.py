@@ -121,6 +121,7 @@ def test_plate_from_two_producer_processes(docked, qtbot, runtime_dir):
     qtbot.waitUntil(lambda: widget.counts.rows.get("total", {}).get("received") == 30,
                     timeout=5000)
     assert {"prod-a", "prod-b"} <= set(widget.counts.rows)
+    assert all("held back" in widget.counts.rows[p] for p in ("prod-a", "prod-b", "total"))
 
 
 def test_user_contrast_survives_later_frames(docked, qtbot, runtime_dir):
@@ -273,6 +274,26 @@ def test_memory_cap_and_modes_reach_the_assembler(docked):
     assert widget.assembler.max_bytes == 2 * 1024**3
     widget.mode_combos["channel"].setCurrentText("stack")
     assert widget.assembler.modes["channel"].value == "stack"
+
+
+def test_counts_show_rates_and_how_much_each_producer_is_held_back(qtbot):
+    from napari_hcs_stream._qt._counts import COLUMNS, CountsTable
+
+    table = CountsTable()
+    qtbot.addWidget(table)
+    table.show_counts({"a": {"received": 0, "waited_s": 0.0}, "b": {"received": 0}},
+                      {"received": 0}, now=100.0)
+    col = COLUMNS.index("held back")
+    assert table.isColumnHidden(col)  # nobody waited: the producer ids get the room
+    table.show_counts({"a": {"received": 500, "waited_s": 0.5}, "b": {"received": 100}},
+                      {"received": 600}, now=101.0)
+    rows = table.rows
+    assert (rows["a"]["frames/s"], rows["a"]["held back"]) == (500, 0.5)
+    assert (rows["b"]["frames/s"], rows["b"]["held back"]) == (100, 0)
+    assert (rows["total"]["frames/s"], rows["total"]["held back"]) == (600, 0.5)  # the most
+    assert not table.isColumnHidden(col)
+    assert [table.item(r, col).text() for r in range(3)] == ["50%", "0%", "50%"]
+    assert "waited" in table.horizontalHeaderItem(col).toolTip()
 
 
 def test_counts_are_repainted_with_the_layers_or_soon_after(docked, qtbot):

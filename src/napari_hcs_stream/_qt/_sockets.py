@@ -106,6 +106,8 @@ class ListenerSockets:
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of the counts for the widget (safe to hand to another thread)."""
+        if self.receiver.socket is not None:
+            self.receiver.update_waited()
         stats = self.receiver.stats.as_dict()
         producers = stats.pop("producers")
         return {
