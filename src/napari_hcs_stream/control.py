@@ -229,7 +229,7 @@ class ReceiverControl:
                 self._ready() if self._ready else True), "pid": os.getpid(), "app": self.app,
                 "version": __version__}
         if cmd == "state":
-            return {**ok, "stats": self.receiver.stats.as_dict(),
+            return {**ok, "stats": self.receiver.snapshot(),
                     **(self._state() if self._state else {})}
         if cmd == "clear":
             run = request.get("run")

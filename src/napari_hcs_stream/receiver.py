@@ -8,7 +8,8 @@ receiver and never touches earlier data.
 Threading: create, :meth:`Receiver.bind`, :meth:`Receiver.poll` and :meth:`Receiver.close` in
 one thread (ZeroMQ sockets are not thread-safe). Each receiver owns a ZeroMQ context unless
 one is passed in, so closing it never waits on anybody else's sockets. :attr:`Receiver.stats`
-may be read from any thread (use :meth:`ReceiverStats.as_dict` for a consistent copy).
+may be read from any thread (use :meth:`ReceiverStats.as_dict` for a consistent copy;
+:meth:`Receiver.snapshot`, in the receiver's thread, also reads how long producers waited).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class ProducerStats:
     closed: bool = False
     #: seconds this producer has waited for a free slot in its shared-memory ring, i.e. been
     #: held back by this receiver (local producers; brought up to date by
-    #: :meth:`Receiver.update_waited`).
+    #: :meth:`Receiver.snapshot`).
     waited_s: float = 0.0
 
 
@@ -407,11 +408,13 @@ class Receiver:
                 self._reader.waited_ns(name) for name in self._segments.get(producer, ()))
             ps.waited_s = waited / 1e9
 
-    def update_waited(self) -> None:
-        """Bring every producer's ``waited_s`` up to date from its ring's header (a read of
-        shared memory per producer: call it for a status snapshot, not per frame)."""
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as plain data (:meth:`ReceiverStats.as_dict`), each producer's
+        ``waited_s`` first read from its ring's header (a read of shared memory per producer:
+        for status updates, not per frame). Call it in the receiver's thread."""
         for producer in list(self.stats.producers):
             self._set_waited(producer)
+        return self.stats.as_dict()
 
     def _call(self, callback: FrameCallback, h: FrameHeader, array: np.ndarray,
               ps: ProducerStats) -> bool:

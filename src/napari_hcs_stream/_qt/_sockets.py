@@ -106,9 +106,7 @@ class ListenerSockets:
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of the counts for the widget (safe to hand to another thread)."""
-        if self.receiver.socket is not None:
-            self.receiver.update_waited()
-        stats = self.receiver.stats.as_dict()
+        stats = self.receiver.snapshot()
         producers = stats.pop("producers")
         return {
             "address": self.address,
