@@ -76,6 +76,15 @@ def runtime_dir(tmp_path_factory, monkeypatch) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def keys_dir(tmp_path_factory, monkeypatch) -> Path:
+    """A private CURVE key folder per test: tests never read or make a user's keys."""
+    path = tmp_path_factory.mktemp("keys", numbered=True)
+    monkeypatch.setenv("NAPARI_HCS_STREAM_KEYS_DIR", str(path))
+    monkeypatch.delenv("NAPARI_HCS_STREAM_SERVER_KEY", raising=False)
+    return path
+
+
 @pytest.fixture(params=["libzmq", "pyzmq"])
 def recv_mode(request, monkeypatch) -> str:
     """Headers received through libzmq with the GIL held (what a receiver bound off the main

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
 from conftest import wait_until
 from napari_hcs_stream.endpoints import Endpoint, tcp_endpoint
@@ -106,9 +107,11 @@ def test_any_memory_layout_arrives_as_c_order_values(runtime_dir: Path, transpor
 
 
 def test_transport_auto_follows_the_address(runtime_dir: Path) -> None:
+    remote_key = zmq.curve_keypair()[0]  # beyond loopback a viewer requires CURVE
     for spec, expected in (("auto-ipc", "shm"), ("tcp://127.0.0.1:0", "shm"),
                            ("tcp://192.0.2.1:9", "frames")):
-        pub = Publisher(spec, connect_timeout=0)
+        key = remote_key if spec.startswith("tcp://192") else None
+        pub = Publisher(spec, connect_timeout=0, server_key=key)
         assert pub.transport == expected
         pub.close()
 

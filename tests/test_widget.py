@@ -276,6 +276,25 @@ def test_memory_cap_and_modes_reach_the_assembler(docked):
     assert widget.assembler.modes["channel"].value == "stack"
 
 
+def test_listening_beyond_loopback_requires_curve_and_shows_the_viewer_key(docked, qtbot,
+                                                                          runtime_dir):
+    from napari_hcs_stream import auth
+
+    viewer, widget = docked()
+    listen(qtbot, widget, "tcp://0.0.0.0:0")
+    key = auth.key_pair()[0].decode()
+    assert widget.listener.viewer_key == key
+    qtbot.waitUntil(lambda: "CURVE" in widget.state_label.text(), timeout=10000)  # queued
+    assert key in widget.state_label.text()
+    port = widget.listener.address.rpartition(":")[2]
+    with Publisher(f"tcp://127.0.0.1:{port}", connect_timeout=0.5) as plain:
+        assert not plain.publish(np.zeros((16, 16), np.uint16), well="A01")  # no key: refused
+    with Publisher(f"tcp://127.0.0.1:{port}", server_key=key, connect_timeout=10) as pub:
+        assert pub.publish(np.full((16, 16), 5, np.uint16), well="A01")
+    qtbot.waitUntil(lambda: len(viewer.layers) == 1, timeout=20000)
+    assert int(np.asarray(viewer.layers[0].data).max()) == 5
+
+
 def test_counts_show_rates_and_how_much_each_producer_is_held_back(qtbot):
     from napari_hcs_stream._qt._counts import COLUMNS, CountsTable
 

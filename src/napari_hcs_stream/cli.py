@@ -44,6 +44,30 @@ def _control(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok", False) else 1
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from . import auth
+
+    try:
+        if args.action == "authorize":
+            path = auth.authorize(args.key, args.name)
+            print(f"authorized: {path} (viewers read it when they start listening)")
+            return 0
+        public, _secret = auth.key_pair()
+    except (auth.AuthError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    folder = auth.keys_dir()
+    print(f"this machine's public key: '{public.decode()}'")
+    print(f"  in {folder / 'id.key'} (its secret half: id.key_secret, never share that)")
+    print("  - producers elsewhere use it to reach a viewer here: server_key= or "
+          "NAPARI_HCS_STREAM_SERVER_KEY (the key, quoted, or a copy of id.key)")
+    print("  - a viewer elsewhere admits producers from here after: napari-hcs-stream keys "
+          "authorize '<this key>' (or a copy of id.key)")
+    names = sorted(set(auth.authorized_keys().values()))
+    print(f"authorized producers ({auth.authorized_dir()}): {', '.join(names) or 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-hcs-stream",
@@ -64,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a pipeline on a synthetic plate, streaming into napari")
     add_demo_arguments(p)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "keys", help="this machine's CURVE key, and producers authorized for viewers here",
+        description="A viewer listening beyond loopback (tcp://0.0.0.0:PORT, a LAN address) "
+                    "admits only producers whose key is authorized. Without arguments: print "
+                    "this machine's public key (made on first use) and the authorized keys.")
+    p.set_defaults(func=_keys, action="show")
+    actions = p.add_subparsers(dest="action")
+    actions.add_parser("show", help="print this machine's key and the authorized ones")
+    a = actions.add_parser("authorize", help="admit a producer's key to viewers on this machine")
+    a.add_argument("key", help="the producer machine's public key (40 characters, quoted) or "
+                               "a copy of its id.key file")
+    a.add_argument("--name", default=None, help="a name for it (file authorized/NAME.key)")
 
     for name, text in (("status", "ping a viewer and print its state"),
                        ("clear", "clear one run's layers (or all) in a viewer"),

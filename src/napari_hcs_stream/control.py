@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import __version__
+from .auth import Gatekeeper, requires_auth, secure_client, server_key_for
 from .endpoints import bind_socket, prepare_ipc_bind, remove_ipc_file
 from .protocol import (
     CONTROL_COMMANDS,
@@ -68,8 +69,11 @@ class ControlServer:
 
     def __init__(self, address: str, handler: Handler, *, context: zmq.Context | None = None,
                  limits: Limits = DEFAULT_LIMITS, batch: int = 64,
-                 commands: frozenset[str] = CONTROL_COMMANDS) -> None:
+                 commands: frozenset[str] = CONTROL_COMMANDS, auth: bool | None = None) -> None:
         self.address = address
+        #: require CURVE (None: when the address is TCP beyond loopback); see ``Receiver``.
+        self.auth = auth
+        self.gate: Gatekeeper | None = None
         self.handler = handler
         self.commands = commands  # the protocol's five, plus any the application adds
         self.limits = limits
@@ -83,16 +87,37 @@ class ControlServer:
         """Bind (in the calling thread) and return the real address (OS-chosen TCP port)."""
         prepare_ipc_bind(self.address)
         ctx = self._context = self._context or zmq.Context()
+        if requires_auth(self.address) if self.auth is None else self.auth:
+            self.gate = Gatekeeper(ctx)  # refusals are logged
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        self.address, self._inode = bind_socket(sock, self.address, "bind the control address")
+        if self.gate is not None:
+            self.gate.secure(sock)
+        try:
+            self.address, self._inode = bind_socket(sock, self.address,
+                                                    "bind the control address")
+        except OSError:
+            self._close_gate()
+            raise
         self.socket = sock
         return self.address
+
+    def sockets(self) -> list[zmq.Socket]:
+        """What to poll: the control socket, and the CURVE gate when there is one."""
+        gate = self.gate.socket if self.gate is not None else None
+        return [s for s in (self.socket, gate) if s is not None]
+
+    def _close_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
 
     def handle_pending(self) -> int:
         """Answer every request already waiting (up to ``batch``); never blocks."""
         sock = self.socket
         assert sock is not None, "bind() first"
+        if self.gate is not None:
+            self.gate.handle_pending()
         n = 0
         while n < self.batch:
             try:
@@ -107,9 +132,9 @@ class ControlServer:
         return n
 
     def serve_once(self, timeout_ms: int) -> int:
-        sock = self.socket
-        assert sock is not None, "bind() first"
-        return self.handle_pending() if sock.poll(timeout_ms) else 0
+        assert self.socket is not None, "bind() first"
+        return self.handle_pending() if zmq.zmq_poll(
+            [(s, zmq.POLLIN) for s in self.sockets()], timeout_ms) else 0
 
     def _answer(self, payload: bytes, token: Token) -> None:
         try:
@@ -141,6 +166,7 @@ class ControlServer:
             self.socket.close(linger=0)
             self.socket = None
             remove_ipc_file(self.address, self._inode)
+        self._close_gate()
         if self._own_context and self._context is not None:
             self._context.term()
             self._context = None
@@ -149,9 +175,14 @@ class ControlServer:
 class ControlClient:
     """Ask a viewer something; a fresh REQ socket per request, so a lost reply never wedges."""
 
-    def __init__(self, address: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, *, context: zmq.Context | None = None,
+                 server_key: str | bytes | None = None) -> None:
         self.address = address
         self._context = context
+        #: the viewer's CURVE public key (:func:`.auth.server_key_for`; for TCP beyond loopback
+        #: with none given or in the environment: this machine's own, as for a viewer run by
+        #: this user here), or None.
+        self.server_key = server_key_for(address, server_key, this_machine=True)
 
     def request(self, cmd: str, timeout: float = 2.0, **args: Any) -> dict[str, Any]:
         """Send ``{"cmd": cmd, **args}``; the reply, or TimeoutError after ``timeout`` s."""
@@ -163,12 +194,16 @@ class ControlClient:
         sock = ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            if self.server_key is not None:
+                secure_client(sock, self.server_key)
             sock.connect(self.address)
             sock.send(encode_control(dict(message)))
             if not sock.poll(int(timeout * 1000)):
+                hint = ("; with CURVE: is the viewer's key right, and this machine's key "
+                        "authorized there?" if self.server_key is not None else "")
                 raise TimeoutError(
                     f"no answer to {message.get('cmd')!r} from {self.address} within "
-                    f"{timeout:g} s (is the viewer running and listening?)"
+                    f"{timeout:g} s (is the viewer running and listening{hint})"
                 )
             return decode_control(sock.recv(), reply=True)
         finally:
@@ -284,14 +319,16 @@ def serve(receiver: Receiver, server: ControlServer, stop: threading.Event, *,
     """
     assert receiver.socket is not None and server.socket is not None, "bind() both first"
     poller = zmq.Poller()
-    poller.register(receiver.socket, zmq.POLLIN)
-    poller.register(server.socket, zmq.POLLIN)
+    data = [s for s in (receiver.socket, receiver.gate and receiver.gate.socket) if s]
+    control = server.sockets()
+    for sock in data + control:
+        poller.register(sock, zmq.POLLIN)
     tick = getattr(server.handler, "tick", None)
     while not stop.is_set():
         events = dict(poller.poll(timeout_ms))
-        if receiver.socket in events:
+        if any(s in events for s in data):
             receiver.poll(0)
-        if server.socket in events:
+        if any(s in events for s in control):
             server.handle_pending()
         if tick is not None:
             tick(server)

@@ -26,11 +26,13 @@ import zmq
 
 from ._context import data_context
 from ._gilrecv import HeaderReceiver, OversizePart, header_receiver
+from .auth import Gatekeeper, requires_auth
 from .endpoints import (
     Endpoint,
     bind_socket,
     endpoint_to_bind,
     prepare_ipc_bind,
+    readable,
     register_endpoint,
     remove_ipc_file,
     unregister_endpoint,
@@ -108,6 +110,11 @@ class Receiver:
     thread that has work of its own (napari's): giving the GIL away for a microsecond's
     receive can cost milliseconds there. A receiver in the main thread usually has the
     process to itself, and pyzmq's receive is about a microsecond cheaper.
+
+    ``auth``: require CURVE (:mod:`.auth`): only producers whose key is authorized get in. By
+    default (None) required exactly when the address is TCP beyond loopback. The handshakes
+    are answered by :attr:`gate`, polled with the data socket; a refused producer is counted
+    as rejected (producer ``unknown``) with the key to authorize.
     """
 
     #: the default for receivers not told otherwise (None: decided by the binding thread)
@@ -127,8 +134,11 @@ class Receiver:
         batch: int = 256,
         context: zmq.Context | None = None,
         keep_gil: bool | None = None,
+        auth: bool | None = None,
     ) -> None:
         self.endpoint_spec = endpoint
+        self.auth = auth
+        self.gate: Gatekeeper | None = None
         self.endpoint: Endpoint | None = None
         self.destination = destination
         self.on_frame = on_frame
@@ -164,22 +174,32 @@ class Receiver:
         want = endpoint_to_bind(self.endpoint_spec)
         prepare_ipc_bind(want.data)
         ctx = self._context = self._context or data_context()
+        if requires_auth(want.data) if self.auth is None else self.auth:
+            self.gate = Gatekeeper(ctx, on_refused=self._refused)  # before any connection
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        data, self._inode = bind_socket(sock, want.data, "listen on")
+        if self.gate is not None:
+            self.gate.secure(sock)
+        try:
+            data, self._inode = bind_socket(sock, want.data, "listen on")
+        except OSError:
+            self._close_gate()
+            raise
         self.socket = sock
         self._poll_items = [(sock, zmq.POLLIN)]
+        if self.gate is not None and self.gate.socket is not None:
+            self._poll_items.append((self.gate.socket, zmq.POLLIN))
         keep = self.keep_gil
         if keep is None:
             keep = threading.current_thread() is not threading.main_thread()
         if keep:
             self._take_header = header_receiver(sock, self.limits.max_header_bytes + 1)
         self.endpoint = Endpoint(want.name, data, control_address or want.control)
-        if not data.startswith(("tcp://127.", "tcp://[::1]", "ipc://", "inproc://")):
-            log.warning("listening on %s: any host that reaches it can send frames "
-                        "(no authentication yet)", data)
+        if self.gate is not None:
+            log.info("listening on %s with CURVE: %d producer key(s) admitted", data,
+                     len(self.gate.allowed))
         swept = sweep_stale_segments()
         if swept:
             log.info("removed shared memory left by dead producers: %s", ", ".join(swept))
@@ -206,9 +226,19 @@ class Receiver:
         if self._registered and self.endpoint is not None:
             unregister_endpoint(self.endpoint.name)
             self._registered = False
+        self._close_gate()
         if self._own_context and self._context is not None:
             self._context.term()
             self._context = None
+
+    def _close_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
+
+    def _refused(self, reason: str) -> None:
+        """A connection the gate refused (wrong or unknown key): counted, shown, logged."""
+        self._reject(UNKNOWN, reason, None)
 
     def __enter__(self) -> Receiver:
         self.bind()
@@ -237,6 +267,9 @@ class Receiver:
         assert sock is not None, "bind() first"
         if timeout_ms and not _zmq_poll(self._poll_items, timeout_ms):
             return 0
+        gate = self.gate
+        if gate is not None and gate.socket is not None and readable(gate.socket):
+            gate.handle_pending()
         take = self._take_header
         if take is not None and take.capacity <= self.limits.max_header_bytes:  # limits grew
             take.close()

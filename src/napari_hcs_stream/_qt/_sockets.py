@@ -63,6 +63,9 @@ class ListenerSockets:
             raise
         self.address = bound.data
         self.control_address = bound.control
+        gate = self.receiver.gate
+        #: this viewer's CURVE public key when it admits only authorized producers, else "".
+        self.viewer_key = gate.public.decode("ascii") if gate is not None else ""
 
     # -- callbacks (listener thread) ---------------------------------------------------------
     def _on_frame(self, header: Any, array: Any) -> None:
@@ -82,7 +85,9 @@ class ListenerSockets:
 
     # -- the loop's calls --------------------------------------------------------------------
     def sockets(self) -> list[zmq.Socket]:
-        return [s for s in (self.receiver.socket, self.control.socket) if s is not None]
+        """Data, control, and the CURVE gates answering their handshakes (when there are)."""
+        gate = self.receiver.gate.socket if self.receiver.gate is not None else None
+        return [s for s in (self.receiver.socket, gate) if s is not None] + self.control.sockets()
 
     def ready_now(self) -> dict[Any, int]:
         """The sockets with a message waiting, asked without releasing the GIL (a poll
@@ -91,10 +96,12 @@ class ListenerSockets:
 
     def service(self, ready: dict[Any, int]) -> None:
         """Handle what is waiting: a batch of frames, then every control request."""
-        if self.receiver.socket in ready:
-            self.receiver.poll(0)
-        if self.control.socket in ready:
-            self.control.handle_pending()
+        receiver, control = self.receiver, self.control
+        if receiver.socket in ready or (receiver.gate is not None
+                                        and receiver.gate.socket in ready):
+            receiver.poll(0)  # answers the gate too
+        if control.socket in ready or (control.gate is not None and control.gate.socket in ready):
+            control.handle_pending()
 
     @property
     def seen(self) -> dict[str, int]:

@@ -104,6 +104,8 @@ class ListenerThread(QThread):
         self.counter = counter if counter is not None else CommitCounter()
         self.address = ""
         self.control_address = ""
+        #: the viewer's CURVE public key while it admits only authorized producers, else "".
+        self.viewer_key = ""
         self.setObjectName(f"hcs-stream-listener-{endpoint}")
 
     # -- main-thread API -------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class ListenerThread(QThread):
             return
         self._transport = transport
         self.address, self.control_address = transport.address, transport.control_address
+        self.viewer_key = transport.viewer_key  # read by the widget when ``bound`` arrives
         self.bound.emit(transport.address, transport.control_address)
         try:
             self._loop(transport)

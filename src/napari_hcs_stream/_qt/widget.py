@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import QEvent, QTimer
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -219,6 +219,7 @@ class StreamWidget(QWidget):
         row.addWidget(self.start_button)
         self.state_label = QLabel("Not listening")
         self.state_label.setWordWrap(True)
+        self.state_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.counts = CountsTable()
         self.error_label = QElidingLabel("")
         self.error_label.setStyleSheet(ERROR_STYLE)
@@ -288,8 +289,17 @@ class StreamWidget(QWidget):
         self.start(endpoint)
 
     def _on_bound(self, data: str, control: str) -> None:
-        self.state_label.setText(f"Listening on {data}")
-        self.state_label.setToolTip(f"data: {data}\ncontrol: {control}")
+        key = self.listener.viewer_key if self.listener is not None else ""
+        if key:  # beyond this machine: producers need this key, and their own authorized
+            self.state_label.setText(f"Listening on {data}, authorized producers only "
+                                     f"(CURVE). Viewer key: {key}")
+            self.state_label.setToolTip(
+                f"data: {data}\ncontrol: {control}\nProducers elsewhere need the viewer key "
+                "(server_key= or NAPARI_HCS_STREAM_SERVER_KEY), and their own key authorized "
+                "here: napari-hcs-stream keys authorize KEY")
+        else:
+            self.state_label.setText(f"Listening on {data}")
+            self.state_label.setToolTip(f"data: {data}\ncontrol: {control}")
 
     def _on_failed(self, message: str) -> None:
         self.show_error(message)

@@ -12,6 +12,7 @@ import time
 import zmq
 
 from .._context import data_context
+from ..auth import secure_client
 from ..endpoints import Endpoint, readable
 from ..protocol import Bye, encode_bye
 from ..ring import ShmRing
@@ -20,7 +21,8 @@ from ..ring import ShmRing
 class Link:
     """The XPUB socket (connected), the ring (created on first use), the subscription count."""
 
-    def __init__(self, endpoint: Endpoint, producer: str, hwm: int, linger_ms: int) -> None:
+    def __init__(self, endpoint: Endpoint, producer: str, hwm: int, linger_ms: int, *,
+                 server_key: bytes | None = None) -> None:
         self.pid = os.getpid()
         self.producer = producer
         self.context = data_context()  # I/O thread under SCHED_BATCH where possible
@@ -30,6 +32,8 @@ class Link:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        if server_key is not None:  # a viewer that admits only authorized producers
+            secure_client(sock, server_key)
         sock.connect(endpoint.data)
         self.socket: zmq.Socket | None = sock
         self.ring: ShmRing | None = None

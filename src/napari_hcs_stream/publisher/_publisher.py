@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
+from .. import auth
 from ..endpoints import (
     Endpoint,
     is_local_address,
@@ -101,6 +102,12 @@ class Publisher:
     ``send_timeout``: the most a publish waits for a free slot or queue space before it drops.
     ``strict``: wait up to ``strict_timeout`` instead, and raise :class:`DeliveryError`.
     ``close_timeout``: how long :meth:`close` lets the viewer copy what is in flight.
+    ``server_key``: the viewer's CURVE public key (Z85 text or a ``.key`` file), for a viewer
+    that requires CURVE (one listening beyond loopback, :mod:`napari_hcs_stream.auth`); for
+    such an address ``$NAPARI_HCS_STREAM_SERVER_KEY`` is used when it is not given. A viewer
+    found by name runs on this machine, under this user: its key is this machine's own, and
+    nothing needs to be given. An address beyond loopback with no key raises
+    :class:`~napari_hcs_stream.auth.AuthError`.
 
     Not shareable across ``fork()``; calls from several threads are serialised by a lock.
     """
@@ -124,10 +131,13 @@ class Publisher:
         hwm: int = 64,
         reclaim_age: float = 2.0,
         limits: Limits = DEFAULT_LIMITS,
+        server_key: str | bytes | os.PathLike[str] | None = None,
     ) -> None:
         if transport not in ("auto", "shm", "frames"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'frames', got {transport!r}")
         self.endpoint = resolve_endpoint(endpoint)
+        by_name = isinstance(endpoint, str) and "://" not in endpoint  # registered here, by us
+        key = auth.server_key_for(self.endpoint.data, server_key, this_machine=by_name)
         self.run = check_name("run", run or new_run_id(), limits)
         self.producer_id = check_name("producer", producer or new_producer_id(), limits)
         if transport == "auto":
@@ -153,7 +163,7 @@ class Publisher:
         if transport == "shm":
             sweep_stale_segments()
         linger = int(min(strict_timeout, 60.0) * 1000) if strict else 200
-        self._link = Link(self.endpoint, self.producer_id, hwm, linger)
+        self._link = Link(self.endpoint, self.producer_id, hwm, linger, server_key=key)
         # runs on garbage collection and at (multiprocessing or interpreter) exit
         self._finalizer = _mp_util.Finalize(self, self._link.close, args=(self.close_timeout,),
                                             exitpriority=10)
