@@ -35,7 +35,7 @@ import zmq
 from zmq.auth.certs import load_certificate
 from zmq.utils import z85
 
-from .endpoints import is_local_address
+from .endpoints import is_local_address, private_dir, tcp_host
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +55,13 @@ def keys_dir() -> Path:
     """The user's key folder, created mode 0700 (refused if someone else owns it)."""
     env = os.environ.get(ENV_KEYS_DIR)
     if env:
-        path = Path(env)
-    else:
-        config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-        path = Path(config) / "napari-hcs-stream" / "keys"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to another user: set {ENV_KEYS_DIR}")
-    path.chmod(0o700)
-    return path
+        return private_dir(Path(env), ENV_KEYS_DIR)
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return private_dir(Path(config) / "napari-hcs-stream" / "keys", ENV_KEYS_DIR)
 
 
 def authorized_dir() -> Path:
-    path = keys_dir() / "authorized"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    return private_dir(keys_dir() / "authorized", ENV_KEYS_DIR)
 
 
 def _write_certificate(path: Path, public: bytes, secret: bytes | None, *,
@@ -187,8 +179,7 @@ def server_key_for(address: str, given: str | bytes | os.PathLike[str] | None = 
     env = os.environ.get(ENV_SERVER_KEY)
     if env:
         return parse_key(env)
-    host = address[6:].rpartition(":")[0].strip("[]")
-    if this_machine or host in ("0.0.0.0", "::", "*"):  # a wildcard is reached only from here
+    if this_machine or tcp_host(address) in ("0.0.0.0", "::", "*"):  # reached only from here
         return key_pair()[0]
     raise AuthError(f"the viewer at {address} requires CURVE: pass server_key= (its public key: "
                     f"`napari-hcs-stream keys` on the viewer's machine) or set {ENV_SERVER_KEY}")
@@ -235,6 +226,14 @@ class Gatekeeper:
             log.warning("only this machine's own key is authorized (%s is empty): producers "
                         "elsewhere will be refused; run `napari-hcs-stream keys authorize KEY`",
                         authorized_dir())
+
+    @classmethod
+    def needed(cls, context: zmq.Context[Any], address: str, auth: bool | None,
+               on_refused: Callable[[str], None] | None = None) -> Gatekeeper | None:
+        """A gate for a server about to bind ``address``, if it needs one: ``auth`` says,
+        or (None) whether the address is TCP beyond loopback."""
+        wanted = requires_auth(address) if auth is None else auth
+        return cls(context, on_refused) if wanted else None
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` (before it binds) a CURVE server with this machine's key pair."""

@@ -53,7 +53,7 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"authorized: {path} (viewers read it when they start listening)")
             return 0
         public, _secret = auth.key_pair()
-    except (auth.AuthError, OSError) as exc:
+    except (auth.AuthError, OSError, RuntimeError) as exc:  # RuntimeError: a folder not ours
         print(f"error: {exc}", file=sys.stderr)
         return 1
     folder = auth.keys_dir()

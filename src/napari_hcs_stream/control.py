@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import __version__
-from .auth import Gatekeeper, requires_auth, secure_client, server_key_for
+from .auth import Gatekeeper, secure_client, server_key_for
 from .endpoints import bind_socket, prepare_ipc_bind, remove_ipc_file
 from .protocol import (
     CONTROL_COMMANDS,
@@ -87,8 +87,7 @@ class ControlServer:
         """Bind (in the calling thread) and return the real address (OS-chosen TCP port)."""
         prepare_ipc_bind(self.address)
         ctx = self._context = self._context or zmq.Context()
-        if requires_auth(self.address) if self.auth is None else self.auth:
-            self.gate = Gatekeeper(ctx)  # refusals are logged
+        self.gate = Gatekeeper.needed(ctx, self.address, self.auth)  # refusals are logged
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.gate is not None:

@@ -53,14 +53,15 @@ class Endpoint:
     control: str
 
 
-def _private_dir(path: Path) -> Path:
-    """Create ``path`` mode 0700, or refuse it when someone else owns it."""
+def private_dir(path: Path, env: str = ENV_RUNTIME_DIR) -> Path:
+    """Create ``path`` mode 0700, or refuse it when someone else owns it (``env``: the
+    variable that chooses another folder, named in the error)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
     if st.st_uid != os.getuid():
         raise EndpointError(
-            f"the runtime folder {path} belongs to another user (uid {st.st_uid}); set "
-            f"{ENV_RUNTIME_DIR} to a folder of your own"
+            f"the folder {path} belongs to another user (uid {st.st_uid}); set {env} to a "
+            "folder of your own"
         )
     if stat.S_IMODE(st.st_mode) & 0o077:
         path.chmod(0o700)
@@ -71,11 +72,11 @@ def runtime_dir() -> Path:
     """$NAPARI_HCS_STREAM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/napari-hcs-stream, else /tmp."""
     env = os.environ.get(ENV_RUNTIME_DIR)
     if env:
-        return _private_dir(Path(env))
+        return private_dir(Path(env))
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and Path(xdg).is_dir():
-        return _private_dir(Path(xdg) / "napari-hcs-stream")
-    return _private_dir(Path(tempfile.gettempdir()) / f"napari-hcs-stream-{os.getuid()}")
+        return private_dir(Path(xdg) / "napari-hcs-stream")
+    return private_dir(Path(tempfile.gettempdir()) / f"napari-hcs-stream-{os.getuid()}")
 
 
 def check_name(name: str) -> str:
@@ -92,7 +93,7 @@ def _socket_dir(name: str) -> Path:
     base = runtime_dir()
     if len(str(base / f"{name}.data")) <= MAX_IPC_PATH:
         return base
-    return _private_dir(Path("/tmp") / f"hcs-{os.getuid()}")
+    return private_dir(Path("/tmp") / f"hcs-{os.getuid()}")
 
 
 def default_endpoint(name: str = DEFAULT_NAME) -> Endpoint:
@@ -239,13 +240,18 @@ def unregister_endpoint(name: str, pid: int | None = None) -> bool:
     return True
 
 
+def tcp_host(addr: str) -> str:
+    """The host of ``tcp://HOST:PORT`` (IPv6 brackets removed)."""
+    return addr[6:].rpartition(":")[0].strip("[]")
+
+
 def is_local_address(addr: str) -> bool:
     """ipc, inproc and loopback tcp: a producer there can share memory with the viewer."""
     if addr.startswith(("ipc://", "inproc://")):
         return True
     if not addr.startswith("tcp://"):
         return False
-    host = addr[6:].rpartition(":")[0].strip("[]")
+    host = tcp_host(addr)
     if host == "localhost":
         return True
     try:
@@ -263,7 +269,7 @@ def prepare_ipc_bind(address: str) -> None:
     if not address.startswith("ipc://"):
         return
     path = Path(address[6:])
-    _private_dir(path.parent)
+    private_dir(path.parent)
     if not path.exists():
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

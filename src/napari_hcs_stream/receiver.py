@@ -26,7 +26,7 @@ import zmq
 
 from ._context import data_context
 from ._gilrecv import HeaderReceiver, OversizePart, header_receiver
-from .auth import Gatekeeper, requires_auth
+from .auth import Gatekeeper
 from .endpoints import (
     Endpoint,
     bind_socket,
@@ -174,8 +174,7 @@ class Receiver:
         want = endpoint_to_bind(self.endpoint_spec)
         prepare_ipc_bind(want.data)
         ctx = self._context = self._context or data_context()
-        if requires_auth(want.data) if self.auth is None else self.auth:
-            self.gate = Gatekeeper(ctx, on_refused=self._refused)  # before any connection
+        self.gate = Gatekeeper.needed(ctx, want.data, self.auth, self._refused)  # first
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)
