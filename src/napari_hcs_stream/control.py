@@ -318,8 +318,7 @@ def serve(receiver: Receiver, server: ControlServer, stop: threading.Event, *,
     """
     assert receiver.socket is not None and server.socket is not None, "bind() both first"
     poller = zmq.Poller()
-    data = [s for s in (receiver.socket, receiver.gate and receiver.gate.socket) if s]
-    control = server.sockets()
+    data, control = receiver.sockets(), server.sockets()
     for sock in data + control:
         poller.register(sock, zmq.POLLIN)
     tick = getattr(server.handler, "tick", None)

@@ -230,6 +230,10 @@ class Receiver:
             self._context.term()
             self._context = None
 
+    def sockets(self) -> list[zmq.Socket]:
+        """What to poll: the data socket, and the CURVE gate when there is one."""
+        return [sock for sock, _events in self._poll_items]
+
     def _close_gate(self) -> None:
         if self.gate is not None:
             self.gate.close()

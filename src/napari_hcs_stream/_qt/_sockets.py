@@ -63,6 +63,9 @@ class ListenerSockets:
             raise
         self.address = bound.data
         self.control_address = bound.control
+        # what each side polls (its socket, and its CURVE gate when there is one), once
+        self._data = frozenset(self.receiver.sockets())
+        self._control = frozenset(self.control.sockets())
         gate = self.receiver.gate
         #: this viewer's CURVE public key when it admits only authorized producers, else "".
         self.viewer_key = gate.public.decode("ascii") if gate is not None else ""
@@ -86,8 +89,7 @@ class ListenerSockets:
     # -- the loop's calls --------------------------------------------------------------------
     def sockets(self) -> list[zmq.Socket]:
         """Data, control, and the CURVE gates answering their handshakes (when there are)."""
-        gate = self.receiver.gate.socket if self.receiver.gate is not None else None
-        return [s for s in (self.receiver.socket, gate) if s is not None] + self.control.sockets()
+        return self.receiver.sockets() + self.control.sockets()
 
     def ready_now(self) -> dict[Any, int]:
         """The sockets with a message waiting, asked without releasing the GIL (a poll
@@ -96,12 +98,10 @@ class ListenerSockets:
 
     def service(self, ready: dict[Any, int]) -> None:
         """Handle what is waiting: a batch of frames, then every control request."""
-        receiver, control = self.receiver, self.control
-        if receiver.socket in ready or (receiver.gate is not None
-                                        and receiver.gate.socket in ready):
-            receiver.poll(0)  # answers the gate too
-        if control.socket in ready or (control.gate is not None and control.gate.socket in ready):
-            control.handle_pending()
+        if not self._data.isdisjoint(ready):
+            self.receiver.poll(0)  # answers its gate too
+        if not self._control.isdisjoint(ready):
+            self.control.handle_pending()
 
     @property
     def seen(self) -> dict[str, int]:
