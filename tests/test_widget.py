@@ -342,3 +342,82 @@ def test_counts_are_repainted_with_the_layers_or_soon_after(docked, qtbot):
     qtbot.waitUntil(lambda: shown() == 5, timeout=STATUS_WAIT_MS + 2000)
     widget._on_status(snapshot(7, listening=False))  # the listener's last word
     assert shown() == 7
+
+
+def test_plate_map_shows_arrived_wells_and_a_click_moves_the_sliders(docked, qtbot):
+    from qtpy.QtCore import Qt
+
+    from _frames import put
+
+    viewer, widget = docked(show=True)
+    assembler, view = widget.assembler, widget.plate_map
+    assert not widget.plate_box.isVisible()  # no well yet
+    meta = {"plate": {"rows": 4, "cols": 6}}
+    for well in ("B03", "A01", "D06"):
+        for site in (1, 2):
+            put(assembler, plane_for(well, site, "DAPI"), well=well, site=site,
+                channel="DAPI", run="plate1", source="plate", meta=meta)
+    put(assembler, plane_for("A01", 1, "DAPI"), well="ctrl", site=1, channel="DAPI",
+        run="plate1", source="plate")
+    widget.render_tick.tick()
+    widget.refresh_info()
+    qtbot.waitUntil(widget.plate_box.isVisible, timeout=5000)
+    plate = view.plate
+    assert (plate.rows, plate.cols) == (4, 6)
+    assert {w.name for w in plate.cells.values()} == {"B03", "A01", "D06"}
+    assert widget.plate_label.text() == ("3 of 24 wells (4 x 6), newest ctrl; "
+                                         "1 not on the plate: ctrl")
+    assert "2 frames" in view.describe(1, 2) and "no frames" in view.describe(0, 1)
+    # the sliders followed the newest frame, so the ring is on the newest well's position
+    assert view.current == "ctrl" and viewer.dims.current_step[0] == 3
+
+    def colour(row: int, col: int) -> str:
+        image = view.grab().toImage()
+        point = view.cell_rect(row, col).center() * view.devicePixelRatioF()
+        return image.pixelColor(point).name()
+
+    colors = view.colors
+    assert colour(1, 2) == colors["recent"]  # B03 has just arrived
+    assert colour(0, 1) == colors["empty"]
+    view.recent_s = 0.05  # later, the same well is drawn as "has frames"
+    view.set_colors(colors)
+    qtbot.waitUntil(lambda: colour(1, 2) == colors["data"], timeout=5000)
+
+    # a click on A01 moves the well slider there; the overlay and the ring follow
+    qtbot.mouseClick(view, Qt.MouseButton.LeftButton, pos=view.cell_rect(0, 0).center())
+    assert viewer.dims.current_step[0] == assembler.well_index("A01") == 1
+    assert widget.overlay.text.startswith("Well A01")
+    assert view.current == "A01"
+    qtbot.mouseClick(view, Qt.MouseButton.LeftButton, pos=view.cell_rect(3, 0).center())
+    assert viewer.dims.current_step[0] == 1  # an empty well: nothing to go to
+    viewer.dims.set_current_step(0, assembler.well_index("D06"))
+    assert view.current == "D06"
+    assert widget.show_well("B03") and not widget.show_well("H12")
+
+    # the sliders stay where the user put them while frames arrive; a click on the newest
+    # frame's well moves every slider there, and the sliders follow the stream again
+    put(assembler, plane_for("C02", 2, "DAPI"), well="C02", site=2, channel="DAPI",
+        run="plate1", source="plate", meta=meta)
+    widget.render_tick.tick()
+    assert view.current == "B03"
+    viewer.dims.set_current_step(1, 0)
+    widget.refresh_info()
+    qtbot.mouseClick(view, Qt.MouseButton.LeftButton, pos=view.cell_rect(2, 1).center())
+    assert tuple(viewer.dims.current_step[:2]) == (assembler.well_index("C02"), 1)
+    put(assembler, plane_for("A03", 1, "DAPI"), well="A03", site=1, channel="DAPI",
+        run="plate1", source="plate", meta=meta)
+    widget.render_tick.tick()
+    assert view.current == "A03"
+
+    # the runs box picks the run the map shows; clearing everything hides it
+    put(assembler, plane_for("B05", 1, "DAPI"), well="B05", site=1, channel="DAPI",
+        run="plate2", source="plate")
+    widget.render_tick.tick()
+    widget.refresh_info()
+    assert view.plate.arrived == 7
+    widget.run_combo.setCurrentText("plate2")
+    assert [w.name for w in view.plate.cells.values()] == ["B05"]
+    widget.run_combo.setCurrentText("plate1")
+    assert view.plate.arrived == 6
+    widget.clear(None)
+    assert not widget.plate_box.isVisible() and view.plate is None

@@ -31,6 +31,7 @@ import numpy as np
 from . import _stackmem
 from ._prefault import Prefaulter
 from .labels import channel_display_name, format_labels
+from .platemap import PlateMap, WellStatus, build_plate_map, plate_layout
 from .protocol import FrameHeader
 
 __all__ = [
@@ -354,6 +355,8 @@ class PlateAssembler:
         self._dirty: dict[tuple[Any, ...], _Layer] = {}
         self._removed: list[LayerUpdate] = []
         self._plates: dict[str, Any] = {}
+        #: (run, well) -> [frames, clock of the newest]: the plate map's tally
+        self._wells: dict[tuple[str, str], list[Any]] = {}
         #: item -> (layer key, stack index) for slots already handed out; see destination
         self._routes: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...]]] = {}
         #: what the last destination() handed out, for the commit() that follows it
@@ -649,6 +652,14 @@ class PlateAssembler:
                     return
                 layer.frames += 1
                 layer.newest = idx
+                well = header.coords.well
+                if well is not None:
+                    tally = self._wells.get((header.run, well))
+                    if tally is None:
+                        self._wells[(header.run, well)] = [1, now]
+                    else:
+                        tally[0] += 1
+                        tally[1] = now
                 if limits is not None and limits != layer.contrast:
                     layer.contrast = layer.contrast_pending = limits
                 self._mark_dirty(layer, idx)
@@ -776,6 +787,8 @@ class PlateAssembler:
                 del self._groups[group_key]
             self._handoff = None
             self._plates.pop(run, None)
+            for tally_key in [k for k in self._wells if k[0] == run]:
+                del self._wells[tally_key]
             self._generation += 1
             return len(victims)
 
@@ -790,23 +803,74 @@ class PlateAssembler:
             layer = self._by_name.get(layer_name)
             if layer is None:
                 return ""
-            group = layer.group
-            own = iter(layer.layer_values)
-            pairs: list[tuple[str, object]] = []
-            for pos, component in enumerate(STACK_AXES):
-                if group.layer_mask[pos]:
-                    value = next(own)
-                else:
-                    if component not in layer.has or pos >= len(stack_step):
-                        continue
-                    if component in ("z", "t") and layer.used[pos] < 2:
-                        continue
-                    i = int(stack_step[pos])
-                    values = self._values[component]
-                    if not 0 <= i < len(values):
-                        continue
-                    value = values[i]
-                if component == "channel" and value is not None:
-                    value = group.channel_name(value)
-                pairs.append((component, value))
+            pairs = [(component, layer.group.channel_name(value) if component == "channel"
+                      and value is not None else value)
+                     for component, value in self._shown(layer, stack_step)]
         return format_labels(pairs)
+
+    def well_at(self, layer_name: str, stack_step: tuple[int, ...]) -> str | None:
+        """The well a layer shows at the given stack indices (its own well when wells are
+        separate layers); ``None`` for unknown layers, layers without wells and indices past
+        the known wells."""
+        with self._lock:
+            layer = self._by_name.get(layer_name)
+            if layer is None:
+                return None
+            for component, value in self._shown(layer, stack_step):
+                if component == "well":
+                    return None if value is None else str(value)
+        return None
+
+    def _shown(self, layer: _Layer, stack_step: tuple[int, ...]) -> list[tuple[str, Any]]:
+        """``(component, value)`` a layer shows at ``stack_step``, as :meth:`label_text`
+        describes; call with the lock held."""
+        group = layer.group
+        own = iter(layer.layer_values)
+        pairs: list[tuple[str, Any]] = []
+        for pos, component in enumerate(STACK_AXES):
+            if group.layer_mask[pos]:
+                value = next(own)
+            else:
+                if component not in layer.has or pos >= len(stack_step):
+                    continue
+                if component in ("z", "t") and layer.used[pos] < 2:
+                    continue
+                i = int(stack_step[pos])
+                values = self._values[component]
+                if not 0 <= i < len(values):
+                    continue
+                value = values[i]
+            pairs.append((component, value))
+        return pairs
+
+    def announced_newest(self, layer_name: str) -> tuple[int, ...] | None:
+        """Stack indices of the layer's newest frame as of the last :meth:`take_updates`
+        (what the viewer follows from); ``None`` for unknown or unannounced layers."""
+        with self._lock:
+            layer = self._by_name.get(layer_name)
+            return None if layer is None else layer.announced_newest
+
+    def well_index(self, well: str) -> int | None:
+        """The well's index on the well slider (``None``: never stacked on one)."""
+        with self._lock:
+            return self._index["well"].get(well)
+
+    def plate_map(self, run: str | None = None) -> PlateMap | None:
+        """The wells with frames (one run's, or every run's) placed on their plate, for the
+        widget's plate map; ``None`` before any frame named a well. A run's layout is its
+        ``meta["plate"]``; for every run, the largest one declared."""
+        with self._lock:
+            tallies = [(well, frames, seen) for (r, well), (frames, seen) in self._wells.items()
+                       if run is None or r == run]
+            plates = [self._plates[run]] if run in self._plates else (
+                list(self._plates.values()) if run is None else [])
+            index = self._index["well"]
+            merged: dict[str, WellStatus] = {}
+            for well, frames, seen in tallies:
+                before = merged.get(well)
+                if before is not None:  # the same well in several runs
+                    frames, seen = frames + before.frames, max(seen, before.last_seen)
+                merged[well] = WellStatus(str(well), frames, seen, index.get(well))
+        declared = max((p for p in plates if isinstance(p, Mapping)), default=None,
+                       key=lambda p: math.prod(plate_layout(p, ())[:2]))
+        return build_plate_map(merged.values(), declared)

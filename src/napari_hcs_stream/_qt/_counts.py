@@ -22,8 +22,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
+from qtpy.QtCore import QSize, Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
+)
 
 COLUMNS = ("producer", "frames/s", "held back", "received", "dropped", "torn", "rejected")
 COUNTS = ("received", "dropped", "torn", "rejected")
@@ -31,6 +37,9 @@ HELD_BACK = COLUMNS.index("held back")
 TOTALS = "total"
 #: pixels around a cell's text (margins, grid line, the header's sort-indicator room).
 _PADDING = 18
+#: rows the table is tall enough for (two producers and the totals, up to seven and the
+#: totals); more producers scroll, and the plate map below keeps its room.
+_ROWS_SHOWN = (3, 8)
 #: exponential smoothing of the rate (per second of elapsed time).
 _RATE_WINDOW_S = 1.0
 
@@ -54,6 +63,7 @@ class CountsTable(QTableWidget):
                 header.resizeSection(col, self._text_width(COLUMNS[col]))
         self._set_header_tips()
         self.setColumnHidden(HELD_BACK, True)  # until a producer waits for the viewer
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Maximum)
         self._last: dict[tuple[str, str], tuple[float, float]] = {}
         self._longest: dict[int, int] = {}
         #: smoothed ``(column, producer)`` rates: frames/s, and held back as a share (0-1).
@@ -80,13 +90,37 @@ class CountsTable(QTableWidget):
                 float(c.get("waited_s") or 0) > 0 for c in producers.values()):
             self.setColumnHidden(HELD_BACK, False)
         self.rows = rows
-        self.setRowCount(len(rows))
+        if self.rowCount() != len(rows):
+            self.setRowCount(len(rows))
+            self.updateGeometry()
         for r, (name, counts) in enumerate(rows.items()):
             self._set(r, 0, name, bold=name == TOTALS)
             self._set(r, 1, f"{counts['frames/s']:.1f}")
             self._set(r, HELD_BACK, f"{counts['held back']:.0%}")
             for c, key in enumerate(COUNTS, start=3):
                 self._set(r, c, str(int(counts.get(key, 0) or 0)))
+
+    def sizeHint(self) -> QSize:
+        """As tall as its rows, up to ``_ROWS_SHOWN[1]`` (more scroll)."""
+        return QSize(super().sizeHint().width(), self._height_for(self.rowCount()))
+
+    def minimumSizeHint(self) -> QSize:
+        """Never shorter than ``_ROWS_SHOWN[0]`` rows: two producers and the totals show
+        without scrolling, whatever is below the table."""
+        return QSize(super().minimumSizeHint().width(), self._height_for(_ROWS_SHOWN[0]))
+
+    def _height_for(self, rows: int) -> int:
+        low, high = _ROWS_SHOWN
+        rows = min(max(rows, low), high)
+        header = self.horizontalHeader()
+        height = (header.sizeHint().height() if header is not None else 0) + 2 * self.frameWidth()
+        vertical = self.verticalHeader()
+        height += rows * (vertical.defaultSectionSize() if vertical is not None else 30)
+        viewport, scrollbar = self.viewport(), self.horizontalScrollBar()
+        if (header is not None and viewport is not None and scrollbar is not None
+                and header.length() > viewport.width()):
+            height += scrollbar.sizeHint().height()
+        return height
 
     def _rate(self, column: str, name: str, total: Any, now: float) -> float:
         """Growth per second of the running ``total``, smoothed over about a second."""

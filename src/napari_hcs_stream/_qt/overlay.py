@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class DimsLabelOverlay:
     def _on_change(self, _event: object = None) -> None:
         self.update()
 
-    def _target(self) -> tuple[str, Any] | None:
+    def target(self) -> tuple[str, Any] | None:
+        """``(assembler layer name, napari layer)`` the text describes, or ``None``."""
         layers = self._streamed()
         if not layers:
             return None
@@ -142,7 +143,7 @@ class DimsLabelOverlay:
 
     def update(self) -> None:
         """Recompute the text (cheap: a few dict look-ups and one format)."""
-        target = self._target()
+        target = self.target()
         if target is None:
             self.text = ""
             self._backend.hide()
@@ -177,3 +178,16 @@ def stack_step(current_step: Sequence[int], layer_ndim: int) -> tuple[int, ...]:
     offset = max(0, len(current_step) - layer_ndim)
     step = tuple(int(i) for i in current_step[offset : offset + STACK_NDIM])
     return step + (0,) * (STACK_NDIM - len(step))
+
+
+def with_stack_step(current_step: Sequence[int], layer_ndim: int, stack: Sequence[int],
+                    displayed: Iterable[int] = ()) -> tuple[int, ...]:
+    """The viewer-wide slider position with a layer's stack indices set to ``stack`` (the
+    inverse of :func:`stack_step`); ``displayed`` axes (the canvas's own) are left alone."""
+    step = [int(i) for i in current_step]
+    offset = max(0, len(step) - layer_ndim)
+    shown = set(displayed)
+    for i, index in enumerate(stack[:STACK_NDIM]):
+        if offset + i < len(step) and offset + i not in shown:
+            step[offset + i] = int(index)
+    return tuple(step)

@@ -25,7 +25,7 @@ import numpy as np
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._pacing import Pacer
-from .overlay import STACK_NDIM, stack_step
+from .overlay import STACK_NDIM, stack_step, with_stack_step
 
 log = logging.getLogger(__name__)
 
@@ -263,20 +263,16 @@ class RenderTick(QObject):
         layer = self._layers[update.name].layer
         dims = self._viewer.dims
         current = tuple(dims.current_step)
-        offset = max(0, len(current) - layer.ndim)
         here = stack_step(current, layer.ndim)
         previous = update.previous_newest
         if not new and previous is not None and tuple(previous) != here:
             return False  # the user is looking elsewhere: leave the sliders alone
         if tuple(newest) == here:
             return False
-        step = list(current)
-        for i, index in enumerate(newest[:STACK_NDIM]):
-            if offset + i < len(step) and offset + i not in dims.displayed:
-                step[offset + i] = int(index)
-        if tuple(step) == current:
+        step = with_stack_step(current, layer.ndim, newest, dims.displayed)
+        if step == current:
             return False
-        dims.current_step = tuple(step)
+        dims.current_step = step
         return True
 
     def _refresh_if_visible(

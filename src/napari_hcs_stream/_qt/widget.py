@@ -40,8 +40,9 @@ from ..assembler import DEFAULT_MODES, STACK_AXES, PlateAssembler
 from . import _settings
 from ._counts import CountsTable
 from ._pacing import Pacer
+from ._platemap import PlateMapView
 from .listener import CommitCounter, ListenerThread
-from .overlay import DimsLabelOverlay
+from .overlay import DimsLabelOverlay, stack_step, with_stack_step
 from .render import RenderTick
 
 if TYPE_CHECKING:
@@ -132,6 +133,12 @@ class StreamWidget(QWidget):
                                              self._res.render.streamed)
         self._res.connect(self._res.render.applied, self._res.overlay.update)
         self._res.connect(self._res.render.applied, self._on_rendered)
+        for signal in (napari_viewer.dims.events.current_step,
+                       napari_viewer.layers.selection.events.active):
+            self._res.connect(signal, self._show_current_well)
+        if hasattr(napari_viewer.events, "theme"):
+            self._res.connect(napari_viewer.events.theme, self._apply_theme)
+        self._apply_theme()
         self._res.connect(self.destroyed, self._res.close)
         app = QApplication.instance()
         if app is not None:
@@ -255,8 +262,20 @@ class StreamWidget(QWidget):
             grid.addWidget(QLabel(component), i // 3, (i % 3) * 2)
             grid.addWidget(combo, i // 3, (i % 3) * 2 + 1)
 
+        self.plate_box = QGroupBox("Plate")
+        self.plate_label = QElidingLabel("")
+        self.plate_map = PlateMapView()
+        self.plate_map.setToolTip("")
+        self.plate_map.well_clicked.connect(self.show_well)
+        plate_layout = QVBoxLayout(self.plate_box)
+        plate_layout.addWidget(self.plate_label)
+        plate_layout.addWidget(self.plate_map)
+        self.plate_box.setVisible(False)  # until a frame names a well
+
         self.run_combo = QComboBox()
         self.run_combo.addItem(ALL_RUNS)
+        self.run_combo.setToolTip("The run to clear, and the run the plate map shows")
+        self.run_combo.currentTextChanged.connect(lambda _run: self.refresh_plate())
         self.clear_run_button = QPushButton("Clear run")
         self.clear_run_button.clicked.connect(self._on_clear_run_clicked)
         self.clear_all_button = QPushButton("Clear all")
@@ -270,6 +289,7 @@ class StreamWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.counts)
         layout.addWidget(self.error_label)
+        layout.addWidget(self.plate_box)
         layout.addWidget(modes_box)
         layout.addLayout(clear_row)
         layout.addStretch(1)
@@ -360,6 +380,85 @@ class StreamWidget(QWidget):
             self.run_combo.clear()
             self.run_combo.addItems([ALL_RUNS, *runs])
             self.run_combo.setCurrentText(selected)
+        self.refresh_plate()
+
+    # -- the plate map -------------------------------------------------------------------------
+    def refresh_plate(self) -> None:
+        """Redraw the plate map for the run chosen in the runs box (all runs: every well)."""
+        run = self.run_combo.currentText()
+        plate = self._assembler.plate_map(None if run in ("", ALL_RUNS) else run)
+        self.plate_box.setVisible(plate is not None)
+        self.plate_map.set_plate(plate)
+        if plate is None:
+            return
+        newest = max([*plate.cells.values(), *plate.unplaced], key=lambda w: w.last_seen)
+        size = f" ({plate.rows} x {plate.cols})" if plate.wells else ""
+        text = f"{len(plate.cells)} of {plate.wells} wells{size}, newest {newest.name}"
+        if plate.unplaced:
+            names = ", ".join(w.name for w in plate.unplaced[:5])
+            more = "…" if len(plate.unplaced) > 5 else ""
+            text += f"; {len(plate.unplaced)} not on the plate: {names}{more}"
+        self.plate_label.setText(text)
+        self.plate_label.setToolTip(text)
+        self.plate_map.set_current(self._current_well())
+
+    def _current_well(self) -> str | None:
+        """The well the sliders show, in the layer the overlay labels."""
+        overlay = self._res.overlay
+        target = overlay.target() if overlay is not None and not self._res.closed else None
+        if target is None:
+            return None
+        name, layer = target
+        return self._assembler.well_at(name, stack_step(self.viewer.dims.current_step,
+                                                        layer.ndim))
+
+    def _show_current_well(self, _event: object = None) -> None:
+        """Ring the well the sliders show. The map is redrawn with the counts (a few times a
+        second); a slider that followed the stream to a well the map does not have yet
+        redraws it now, so the two never disagree."""
+        well = self._current_well()
+        plate = self.plate_map.plate
+        if well is not None and (plate is None or not plate.has(well)):
+            self.refresh_plate()
+        else:
+            self.plate_map.set_current(well)
+
+    def show_well(self, well: str) -> bool:
+        """Move the well slider to ``well`` (as named by the producer); False if no
+        streamed layer stacks wells on a slider or that well never arrived.
+
+        The newest frame's well moves every slider to the newest frame, so the sliders
+        follow the stream again; any other well moves only the well slider."""
+        overlay = self._res.overlay
+        target = overlay.target() if overlay is not None else None
+        index = self._assembler.well_index(well)
+        if target is None or index is None:
+            return False
+        name, layer = target
+        dims = self.viewer.dims
+        offset = max(0, dims.ndim - layer.ndim)
+        well_axis = offset + STACK_AXES.index("well")
+        if well_axis >= dims.ndim or well_axis in dims.displayed:
+            return False
+        newest = self._assembler.announced_newest(name)
+        if newest is None or newest[STACK_AXES.index("well")] != index:
+            dims.set_current_step(well_axis, index)
+            return True
+        dims.current_step = with_stack_step(dims.current_step, layer.ndim, newest, dims.displayed)
+        return True
+
+    def _apply_theme(self, _event: object = None) -> None:
+        """The plate map in the viewer's theme colours (napari's own widgets follow it)."""
+        try:
+            from napari.utils.theme import get_theme
+
+            theme = get_theme(self.viewer.theme)
+        except Exception:  # an unknown theme or an older napari: keep the default colours
+            log.debug("no napari theme for the plate map", exc_info=True)
+            return
+        colors = {"empty": theme.primary, "data": theme.current, "recent": theme.warning,
+                  "text": theme.text}
+        self.plate_map.set_colors({k: v.as_hex() for k, v in colors.items()})
 
     def _on_cap_changed(self, gib: float) -> None:
         self._assembler.max_bytes = int(gib * GIB)
