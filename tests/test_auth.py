@@ -18,6 +18,7 @@ from zmq.utils import z85
 from conftest import wait_until
 from napari_hcs_stream import auth
 from napari_hcs_stream.control import ControlClient
+from napari_hcs_stream.endpoints import tcp_endpoint
 from napari_hcs_stream.publisher import Publisher
 from transport_helpers import serving
 
@@ -194,3 +195,43 @@ def test_the_gate_reports_a_retrying_refused_key_once_per_period() -> None:
     finally:
         gate.close()
         ctx.term()
+
+
+def _keep(image: np.ndarray, channels: tuple[str, ...]) -> np.ndarray:
+    return image
+
+
+def test_a_pipeline_reaches_a_curve_viewer_with_the_key_in_its_config(tmp_path: Path,
+                                                                      runtime_dir: Path) -> None:
+    """The step config's ``server_key`` reaches the workers' publishers and the runner's
+    control client (reuse and flush); without it the viewer admits nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_hcs_stream.publisher import (
+        NapariStreamingConfig,
+        Pipeline,
+        Step,
+        SyntheticPlate,
+        run_pipeline,
+    )
+
+    plate = SyntheticPlate(n_wells=6, sites=1, channels=("DAPI",), size=16)
+    # a named viewer on loopback TCP that asks for CURVE: the name finds both ports, and a
+    # producer uses CURVE only when given the key
+    with serving(tcp_endpoint("curvy"), auth=True) as served:
+
+        def pipeline(**streaming: object) -> Pipeline:
+            return Pipeline("curve", [Step("keep", _keep, backend="disk", streaming=(
+                NapariStreamingConfig(endpoint="curvy", **streaming)))],  # type: ignore[arg-type]
+                output_dir=tmp_path)
+
+        with ThreadPoolExecutor(2) as ex:
+            refused = run_pipeline(pipeline(), plate, executor=ex, viewers=False)
+        assert sum(p["sent"] for p in refused.producers.values()) == 0
+
+        key = auth.key_pair()[0].decode()
+        with ThreadPoolExecutor(2) as ex:  # viewers=True: found by ping, flushed at the end
+            result = run_pipeline(pipeline(server_key=key, strict=True), plate, executor=ex)
+        assert sum(p["sent"] for p in result.producers.values()) == 6
+        assert not result.unavailable
+        assert served.count() == 6  # the runner's flush answered: everything is there

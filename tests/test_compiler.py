@@ -347,3 +347,20 @@ def test_compiled_plan_pickles(tmp_path):
     assert again.steps[0].func is identity
     assert again.steps[0].streams == compiled.steps[0].streams
     assert "a: streams its output (disk) and its checkpoint (disk)" in compiled.describe()
+
+
+def test_a_viewer_has_one_server_key(tmp_path):
+    from napari_hcs_stream import auth
+
+    key = auth.key_pair()[0].decode()
+    far = "tcp://10.1.2.3:5555"
+    steps = [Step("a", identity, backend="disk",
+                  streaming=NapariStreamingConfig(endpoint=far, server_key=key)),
+             Step("b", identity, backend="disk", streaming=NapariStreamingConfig(endpoint=far))]
+    compiled = compile_pipeline(Pipeline("p", steps, output_dir=tmp_path))
+    assert compiled.viewers == [ViewerSpec("napari", far, True, "auto", server_key=key)]
+    other = auth.parse_key("rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7")
+    steps[1] = Step("b", identity, backend="disk",
+                    streaming=NapariStreamingConfig(endpoint=far, server_key=other.decode()))
+    with pytest.raises(ValueError, match="2 different server keys"):
+        compile_pipeline(Pipeline("p", steps, output_dir=tmp_path))

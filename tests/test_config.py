@@ -195,3 +195,20 @@ def test_global_config_validation():
     with pytest.raises(TypeError, match="resolve"):
         resolve({"endpoint": "x"})  # type: ignore[arg-type]
     assert DEFAULTS.output_dir is None and DEFAULTS.persist_final_step is True
+
+
+def test_server_key_is_checked_and_inherited(tmp_path: Path) -> None:
+    from napari_hcs_stream import auth
+
+    key = auth.key_pair()[0].decode()
+    assert NapariStreamingConfig(server_key=f"  {key}\n").server_key == key
+    key_file = tmp_path / "viewer.key"
+    key_file.write_bytes((auth.keys_dir() / "id.key").read_bytes())
+    assert NapariStreamingConfig(server_key=str(key_file)).server_key == key  # a key file
+    with pytest.raises(ValueError, match="server_key: 'not-a-key' is neither a public key"):
+        NapariStreamingConfig(server_key="not-a-key")
+    with pytest.raises(TypeError, match="server_key must be"):
+        NapariStreamingConfig(server_key=key.encode())  # type: ignore[arg-type]
+    step = NapariStreamingConfig(endpoint="tcp://10.0.0.7:5555")
+    assert resolve(step, NapariStreamingConfig(server_key=key)).server_key == key
+    assert resolve(step).server_key is None  # the environment or this machine's key

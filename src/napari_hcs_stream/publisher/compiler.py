@@ -46,6 +46,8 @@ class ViewerSpec:
     endpoint: str
     persistent: bool
     transport: str
+    #: the viewer's CURVE public key, when the configs name one (a viewer elsewhere)
+    server_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -316,10 +318,15 @@ def _viewers(plans: list[StepPlan]) -> list[ViewerSpec]:
             raise ValueError(f"the endpoint {endpoint!r} is used by configs for different "
                              f"viewers ({', '.join(sorted(kinds))}): give each its own endpoint")
         transports = {str(c.transport) for c in cfgs}
+        keys = {c.server_key for c in cfgs if c.server_key is not None}
+        if len(keys) > 1:
+            raise ValueError(f"the endpoint {endpoint!r} is given {len(keys)} different "
+                             "server keys: one viewer has one key")
         viewers.append(ViewerSpec(
             kind=kinds.pop(),
             endpoint=endpoint,
             persistent=any(bool(c.persistent) for c in cfgs),
             transport=transports.pop() if len(transports) == 1 else "auto",
+            server_key=keys.pop() if keys else None,
         ))
     return viewers

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+from ..auth import AuthError, parse_key
 from ..endpoints import EndpointError, check_name
 from .wells import FilterMode, WellFilter
 
@@ -103,6 +104,10 @@ class StreamingConfig:
     transport: Transport | None = None
     #: which persisted outputs stream: the main output, the checkpoint, or both ("all")
     outputs: Outputs | None = None
+    #: the viewer's public key (40 characters of Z85 text, or a key file) for a viewer on
+    #: another machine, which requires CURVE (``napari-hcs-stream keys`` prints it there);
+    #: None: ``$NAPARI_HCS_STREAM_SERVER_KEY``, or this machine's key for a viewer found here
+    server_key: str | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -115,6 +120,13 @@ class StreamingConfig:
             except EndpointError as exc:
                 raise ValueError(f"{owner}.endpoint: {exc}") from None
         _check_choice(owner, "transport", self.transport, TRANSPORTS)
+        _check_type(owner, "server_key", self.server_key, str,
+                    "the viewer's public key (40 characters) or a key file")
+        if self.server_key is not None:
+            try:
+                object.__setattr__(self, "server_key", parse_key(self.server_key).decode())
+            except AuthError as exc:
+                raise ValueError(f"{owner}.server_key: {exc}") from None
         _check_choice(owner, "well_filter_mode", self.well_filter_mode, WELL_FILTER_MODES)
         _check_choice(owner, "outputs", self.outputs, OUTPUTS)
         wf = self.well_filter

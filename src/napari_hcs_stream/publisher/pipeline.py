@@ -207,18 +207,19 @@ _sinks: dict[tuple[Any, ...], _Sink] = {}
 _sinks_lock = threading.Lock()
 
 
-def _open_publisher(endpoint: str, run: str, transport: str, strict: bool) -> Any:
+def _open_publisher(endpoint: str, run: str, transport: str, strict: bool,
+                    server_key: str | None = None) -> Any:
     """Open a publisher: the one place the runner touches the transport (tests replace it)."""
     from ._publisher import Publisher
 
     return Publisher(endpoint, run=run, transport=transport,  # type: ignore[arg-type]
-                     strict=strict)
+                     strict=strict, server_key=server_key)
 
 
 def _sink_for(stream: StreamPlan, run_id: str) -> _Sink:
     cfg = stream.config
     me = (os.getpid(), threading.get_ident())
-    key = (*me, cfg.endpoint, run_id, cfg.transport, bool(cfg.strict))
+    key = (*me, cfg.endpoint, run_id, cfg.transport, bool(cfg.strict), cfg.server_key)
     with _sinks_lock:
         sink = _sinks.get(key)
         if sink is not None:
@@ -229,7 +230,7 @@ def _sink_for(stream: StreamPlan, run_id: str) -> _Sink:
         old.close()  # outside the lock: closing may wait (bounded) for the viewer
     try:
         publisher = _open_publisher(str(cfg.endpoint), run_id, str(cfg.transport),
-                                    bool(cfg.strict))
+                                    bool(cfg.strict), cfg.server_key)
         sink = _Sink(key, publisher)
     except Exception as exc:
         if cfg.strict:
@@ -520,7 +521,8 @@ def _start_viewers(compiled: CompiledPipeline) -> list[Any]:
 
     managers = []
     for spec in compiled.viewers:
-        manager = ViewerManager(spec.endpoint, persistent=spec.persistent)
+        manager = ViewerManager(spec.endpoint, persistent=spec.persistent,
+                                server_key=spec.server_key)
         try:
             manager.start_viewer()
         except ViewerError as exc:  # the run goes on; its frames are counted as dropped

@@ -62,8 +62,11 @@ class ViewerManager:
         ping_timeout: float = 1.0,
         python: str | None = None,
         extra_env: Mapping[str, str] | None = None,
+        server_key: str | bytes | None = None,
     ) -> None:
         self.endpoint_spec = endpoint
+        #: the viewer's CURVE public key for a viewer elsewhere (see ``Publisher``)
+        self.server_key = server_key
         self.persistent = persistent
         self.startup_timeout = startup_timeout
         self.ping_timeout = ping_timeout
@@ -82,7 +85,8 @@ class ViewerManager:
         return self._ping(self.endpoint)
 
     def _ping(self, endpoint: Endpoint) -> dict[str, Any] | None:
-        reply = ControlClient(endpoint.control).ping(timeout=self.ping_timeout)
+        reply = ControlClient(endpoint.control, server_key=self.server_key).ping(
+            timeout=self.ping_timeout)
         if not reply or not reply.get("ok"):
             return None
         proto = reply.get("protocol") or [0, 0]
@@ -168,7 +172,8 @@ class ViewerManager:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def request(self, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-        return ControlClient(self.endpoint.control).request(cmd, timeout=timeout, **args)
+        return ControlClient(self.endpoint.control, server_key=self.server_key).request(
+            cmd, timeout=timeout, **args)
 
     def flush(self, until: Mapping[str, int], timeout: float = 60.0) -> dict[str, Any]:
         """Return once everything the producers in ``until`` sent is in the viewer's layers."""
