@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import wait_until
+from conftest import our_segments, wait_until
 from napari_hcs_stream.endpoints import Endpoint, tcp_endpoint
 from napari_hcs_stream.protocol import (
     Bye,
@@ -28,7 +28,7 @@ from napari_hcs_stream.protocol import (
     encode_bye,
     encode_frame_header,
 )
-from napari_hcs_stream.publisher import DeliveryError, Publisher
+from napari_hcs_stream.publisher import DeliveryError, Publisher, ring_geometry
 from napari_hcs_stream.publisher._publisher import SLOTS_BUSY
 from napari_hcs_stream.receiver import Receiver
 from napari_hcs_stream.ring import ShmRing, sweep_stale_segments
@@ -142,6 +142,28 @@ def test_ring_grows_while_idle_and_oversize_frames_go_inline(runtime_dir: Path) 
         poll_until(receiver, lambda: receiver.stats.producers[pub.producer_id].closed)
         assert receiver.segments == []  # bye releases the producer's mappings
         receiver.close()
+
+
+def test_default_ring_geometry_gives_small_frames_many_slots(runtime_dir: Path) -> None:
+    """128 MiB of 1 MiB slots by default: a 512x512 uint16 frame gets 128 slots (enough to
+    ride out napari's redraws), a 2048x2048 one 16; and that is the ring a Publisher makes."""
+    mib = 1 << 20
+    free = os.statvfs("/dev/shm")
+    room = free.f_bavail * free.f_frsize // 4
+    assert ring_geometry(512 * 512 * 2) == (mib, min(128, room // mib))
+    assert ring_geometry(2048 * 2048 * 2) == (8 * mib, min(16, room // (8 * mib)))
+    assert ring_geometry(100, ring_bytes=mib) == (mib, 4)  # never fewer than 4
+    assert ring_geometry(100, ring_bytes=4 * mib, min_slot_bytes=4096) == (4096, 1024)
+    receiver = Receiver("geometry", on_frame=lambda h, a: None)
+    receiver.bind()
+    with Publisher("geometry", ring_bytes=8 * mib, connect_timeout=5) as pub:
+        poll_until(receiver, lambda: pub.connected)
+        assert pub.publish(pattern((512, 512), "uint16", 0))
+        segment = next(iter(our_segments()))
+        size = (Path("/dev/shm") / segment).stat().st_size
+        assert 8 * mib <= size < 8 * mib + 64 * 1024  # 8 slots of 1 MiB and the header
+        poll_until(receiver, lambda: receiver.stats.received == 1)
+    receiver.close()
 
 
 @pytest.mark.parametrize("nproducers", [2, 8])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._publisher import DeliveryError, Publisher, PublisherStats
+from ._publisher import DeliveryError, Publisher, PublisherStats, ring_geometry
 from .compiler import CompiledPipeline, StepPlan, StreamPlan, ViewerSpec, compile_pipeline
 from .config import (
     GlobalConfig,
@@ -23,7 +23,7 @@ from .pipeline import (
 from .plate import Plate, SyntheticPlate
 from .wells import WellFilter, WellFilterError
 
-__all__ = ["DeliveryError", "Publisher", "PublisherStats"]
+__all__ = ["DeliveryError", "Publisher", "PublisherStats", "ring_geometry"]
 # the pipeline side: configs, well filter, compiler, runner, plates (docs/pipeline.md)
 __all__ += [
     "CompiledPipeline",

@@ -53,6 +53,10 @@ class DeliveryError(RuntimeError):
     """Strict mode only: the viewer did not take a frame in time."""
 
 
+#: the shared-memory ring's default budget and smallest slot (see :func:`ring_geometry`)
+RING_BYTES = 128 << 20
+MIN_SLOT_BYTES = 1 << 20
+
 @dataclass
 class PublisherStats:
     """What happened to every publish; ``durations`` holds the last few publish times (s)."""
@@ -126,8 +130,8 @@ class Publisher:
         strict_timeout: float = 30.0,
         close_timeout: float = 1.0,
         ring_slots: int | None = None,
-        ring_bytes: int = 128 << 20,
-        min_slot_bytes: int = 1 << 20,
+        ring_bytes: int = RING_BYTES,
+        min_slot_bytes: int = MIN_SLOT_BYTES,
         hwm: int = 64,
         reclaim_age: float = 2.0,
         limits: Limits = DEFAULT_LIMITS,
@@ -326,9 +330,8 @@ class Publisher:
         if old is not None:
             self._waited_before += old.waited_ns
             old.close()
-        slot_bytes = max(align(nbytes), self.min_slot_bytes)
-        return ShmRing(slot_bytes, self.ring_slots or _auto_slots(slot_bytes, self.ring_bytes),
-                       reclaim_age=self.reclaim_age)
+        slot_bytes, nslots = ring_geometry(nbytes, self.ring_bytes, self.min_slot_bytes)
+        return ShmRing(slot_bytes, self.ring_slots or nslots, reclaim_age=self.reclaim_age)
 
     def _push(self, link: Link, header: bytes, pixels: memoryview | None,
               patience: float) -> str | None:
@@ -381,11 +384,17 @@ class Publisher:
                 f"dropped={self.stats.dropped})")
 
 
-def _auto_slots(slot_bytes: int, budget: int) -> int:
-    """Enough slots to absorb a stall, within the budget and what ``/dev/shm`` can hold."""
+def ring_geometry(nbytes: int, ring_bytes: int = RING_BYTES,
+                  min_slot_bytes: int = MIN_SLOT_BYTES) -> tuple[int, int]:
+    """``(slot_bytes, slots)`` of the ring a :class:`Publisher` makes for ``nbytes`` frames
+    when ``ring_slots`` is not given: slots of at least ``min_slot_bytes``, and as many as
+    fit ``ring_bytes`` (4 to 1024, within a quarter of the free ``/dev/shm``), so that small
+    frames get enough slots to ride out a viewer stall (a 512x512 uint16 frame: 128 slots)."""
+    slot_bytes = max(align(nbytes), min_slot_bytes)
+    budget = ring_bytes
     try:
         st = os.statvfs("/dev/shm")
         budget = min(budget, st.f_bavail * st.f_frsize // 4)
     except OSError:  # no /dev/shm (macOS): the budget alone
         pass
-    return max(4, min(1024, budget // slot_bytes))
+    return slot_bytes, max(4, min(1024, budget // slot_bytes))
