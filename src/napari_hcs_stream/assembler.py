@@ -862,8 +862,10 @@ class PlateAssembler:
         with self._lock:
             tallies = [(well, frames, seen) for (r, well), (frames, seen) in self._wells.items()
                        if run is None or r == run]
-            plates = [self._plates[run]] if run in self._plates else (
-                list(self._plates.values()) if run is None else [])
+            if run is None:
+                plates = list(self._plates.values())
+            else:
+                plates = [self._plates[run]] if run in self._plates else []
             index = self._index["well"]
             merged: dict[str, WellStatus] = {}
             for well, frames, seen in tallies:

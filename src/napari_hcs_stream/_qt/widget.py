@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import QEvent, Qt, QTimer
+from qtpy.QtCore import QEvent, QSignalBlocker, Qt, QTimer
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -265,7 +265,6 @@ class StreamWidget(QWidget):
         self.plate_box = QGroupBox("Plate")
         self.plate_label = QElidingLabel("")
         self.plate_map = PlateMapView()
-        self.plate_map.setToolTip("")
         self.plate_map.well_clicked.connect(self.show_well)
         plate_layout = QVBoxLayout(self.plate_box)
         plate_layout.addWidget(self.plate_label)
@@ -377,9 +376,10 @@ class StreamWidget(QWidget):
         current = [self.run_combo.itemText(i) for i in range(1, self.run_combo.count())]
         if runs != current:
             selected = self.run_combo.currentText()
-            self.run_combo.clear()
-            self.run_combo.addItems([ALL_RUNS, *runs])
-            self.run_combo.setCurrentText(selected)
+            with QSignalBlocker(self.run_combo):  # one plate refresh below, not one per item
+                self.run_combo.clear()
+                self.run_combo.addItems([ALL_RUNS, *runs])
+                self.run_combo.setCurrentText(selected)
         self.refresh_plate()
 
     # -- the plate map -------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class DeliveryError(RuntimeError):
 RING_BYTES = 128 << 20
 MIN_SLOT_BYTES = 1 << 20
 
+
 @dataclass
 class PublisherStats:
     """What happened to every publish; ``durations`` holds the last few publish times (s)."""
