@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QApplication
 
 from _producers import CHANNELS, plane_for, start_producers, value_of
@@ -345,8 +346,6 @@ def test_counts_are_repainted_with_the_layers_or_soon_after(docked, qtbot):
 
 
 def test_plate_map_shows_arrived_wells_and_a_click_moves_the_sliders(docked, qtbot):
-    from qtpy.QtCore import Qt
-
     from _frames import put
 
     viewer, widget = docked(show=True)
@@ -421,3 +420,35 @@ def test_plate_map_shows_arrived_wells_and_a_click_moves_the_sliders(docked, qtb
     assert view.plate.arrived == 6
     widget.clear(None)
     assert not widget.plate_box.isVisible() and view.plate is None
+
+
+@pytest.mark.parametrize(("rows", "cols", "width"), [(8, 12, 400), (16, 24, 400), (32, 48, 300)])
+def test_plate_map_view_places_every_well_where_a_click_finds_it(qtbot, rows, cols, width):
+    from qtpy.QtCore import QPoint
+
+    from napari_hcs_stream._qt._platemap import PlateMapView
+    from napari_hcs_stream.labels import well_name
+    from napari_hcs_stream.platemap import WellStatus, build_plate_map
+
+    now = [100.0]
+    view = PlateMapView(clock=lambda: now[0])
+    qtbot.addWidget(view)
+    wells = [WellStatus(well_name(r, c), 3, 99.5, i)
+             for i, (r, c) in enumerate([(0, 0), (rows - 1, cols - 1), (rows // 2, 1)])]
+    view.set_plate(build_plate_map(wells, {"rows": rows, "cols": cols}))
+    view.resize(width, view.heightForWidth(width))
+    view.show()
+    qtbot.waitExposed(view)
+    for r, c in [(0, 0), (rows - 1, cols - 1), (rows // 2, 1), (1, cols // 2)]:
+        rect = view.cell_rect(r, c)
+        assert rect.width() >= 4 and view.rect().contains(rect)
+        assert view.cell_at(rect.center()) == (r, c)
+    assert view.cell_at(QPoint(-1, 5)) is None and view.cell_at(QPoint(width + 5, 5)) is None
+    assert view.describe(0, 0) == "A01: 3 frames, newest just now"
+    now[0] = 160.0
+    assert view.describe(rows - 1, cols - 1).endswith("newest 60 s ago")
+    assert view.describe(1, 0) == f"{well_name(1, 0)}: no frames yet"
+    clicked: list[str] = []
+    view.well_clicked.connect(clicked.append)
+    qtbot.mouseClick(view, Qt.MouseButton.LeftButton, pos=view.cell_rect(rows // 2, 1).center())
+    assert clicked == [well_name(rows // 2, 1)]
