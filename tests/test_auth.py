@@ -153,6 +153,18 @@ def test_a_viewer_beyond_loopback_admits_only_authorized_producers(
         assert ControlClient(control, server_key=viewer_key).ping(timeout=5)["ok"]
         assert ControlClient(control).ping(timeout=0.5) is None
         assert served.count() == 1 and receiver.gate.admitted >= 1
+        # a control client with a key nobody authorized: refused, counted and named too
+        rejected = receiver.stats.rejected
+        stranger = zmq.Context.instance().socket(zmq.DEALER)
+        public, secret = zmq.curve_keypair()
+        stranger.curve_publickey, stranger.curve_secretkey = public, secret
+        stranger.curve_serverkey = viewer_key
+        stranger.connect(control)
+        stranger.send_multipart([b"", b'{"hcs": [1, 0], "cmd": "ping"}'])
+        wait_until(lambda: receiver.stats.rejected > rejected)
+        stranger.close(linger=0)
+        assert receiver.stats.last_error.startswith("control: refused")
+        assert public.decode() in receiver.stats.last_error
 
     auth.authorize(other["key"], "other")  # on the viewer's machine; read at the next start
     with serving("tcp://0.0.0.0:0") as served:

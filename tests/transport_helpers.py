@@ -61,7 +61,8 @@ def serving(spec: str | Endpoint = "test", *, control: bool = True,
                 kwargs = {"shutdown": lambda _r: served.stop.set(), **(handler_kwargs or {})}
                 handler = ReceiverControl(receiver, **kwargs)
                 server = ControlServer(endpoint_to_bind(spec).control, handler,
-                                       auth=receiver_kwargs.get("auth"))
+                                       auth=receiver_kwargs.get("auth"),
+                                       on_refused=receiver.record_refusal)
                 server.bind()
             served.endpoint = receiver.bind(server.address if server else None)
         except BaseException as exc:

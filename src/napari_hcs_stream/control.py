@@ -69,10 +69,15 @@ class ControlServer:
 
     def __init__(self, address: str, handler: Handler, *, context: zmq.Context | None = None,
                  limits: Limits = DEFAULT_LIMITS, batch: int = 64,
-                 commands: frozenset[str] = CONTROL_COMMANDS, auth: bool | None = None) -> None:
+                 commands: frozenset[str] = CONTROL_COMMANDS, auth: bool | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self.address = address
         #: require CURVE (None: when the address is TCP beyond loopback); see ``Receiver``.
         self.auth = auth
+        #: told (besides the log) about clients the CURVE gate refused, naming their key; the
+        #: reason starts with ``control:`` (a viewer passes its receiver's ``record_refusal``,
+        #: so refusals on either socket are counted and shown alike)
+        self.on_refused = on_refused
         self.gate: Gatekeeper | None = None
         self.handler = handler
         self.commands = commands  # the protocol's five, plus any the application adds
@@ -83,11 +88,15 @@ class ControlServer:
         self.socket: zmq.Socket | None = None
         self._inode: int | None = None
 
+    def _refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(f"control: {reason}")
+
     def bind(self) -> str:
         """Bind (in the calling thread) and return the real address (OS-chosen TCP port)."""
         prepare_ipc_bind(self.address)
         ctx = self._context = self._context or zmq.Context()
-        self.gate = Gatekeeper.needed(ctx, self.address, self.auth)  # refusals are logged
+        self.gate = Gatekeeper.needed(ctx, self.address, self.auth, self._refused)
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.gate is not None:

@@ -174,7 +174,7 @@ class Receiver:
         want = endpoint_to_bind(self.endpoint_spec)
         prepare_ipc_bind(want.data)
         ctx = self._context = self._context or data_context()
-        self.gate = Gatekeeper.needed(ctx, want.data, self.auth, self._refused)  # first
+        self.gate = Gatekeeper.needed(ctx, want.data, self.auth, self.record_refusal)  # first
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)
@@ -239,8 +239,9 @@ class Receiver:
             self.gate.close()
             self.gate = None
 
-    def _refused(self, reason: str) -> None:
-        """A connection the gate refused (wrong or unknown key): counted, shown, logged."""
+    def record_refusal(self, reason: str) -> None:
+        """A connection a CURVE gate refused (wrong or unknown key), this receiver's or its
+        control server's: counted as a rejection (producer ``unknown``) and shown."""
         self._reject(UNKNOWN, reason, None)
 
     def __enter__(self) -> Receiver:

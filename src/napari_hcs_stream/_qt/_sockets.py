@@ -47,7 +47,6 @@ class ListenerSockets:
         self._errors = 0
         self._logged_at = 0.0
         want = endpoint_to_bind(endpoint)
-        self.control = ControlServer(want.control, self._handle, commands=COMMANDS)
         self.receiver = Receiver(
             want,
             destination=assembler.destination,
@@ -55,6 +54,8 @@ class ListenerSockets:
             on_torn=assembler.discard,
             on_error=self._on_error,
         )
+        self.control = ControlServer(want.control, self._handle, commands=COMMANDS,
+                                     on_refused=self.receiver.record_refusal)
         try:
             control_address = self.control.bind()
             bound = self.receiver.bind(control_address)
