@@ -425,6 +425,7 @@ def test_plate_map_shows_arrived_wells_and_a_click_moves_the_sliders(docked, qtb
 @pytest.mark.parametrize(("rows", "cols", "width"), [(8, 12, 400), (16, 24, 400), (32, 48, 300)])
 def test_plate_map_view_places_every_well_where_a_click_finds_it(qtbot, rows, cols, width):
     from qtpy.QtCore import QPoint
+    from qtpy.QtGui import QColor
 
     from napari_hcs_stream._qt._platemap import PlateMapView
     from napari_hcs_stream.labels import well_name
@@ -435,6 +436,7 @@ def test_plate_map_view_places_every_well_where_a_click_finds_it(qtbot, rows, co
     qtbot.addWidget(view)
     wells = [WellStatus(well_name(r, c), 3, 99.5, i)
              for i, (r, c) in enumerate([(0, 0), (rows - 1, cols - 1), (rows // 2, 1)])]
+    wells.append(WellStatus(well_name(1, 1), 1, 99.5, 3))  # a well with fewer frames
     view.set_plate(build_plate_map(wells, {"rows": rows, "cols": cols}))
     view.resize(width, view.heightForWidth(width))
     view.show()
@@ -445,9 +447,25 @@ def test_plate_map_view_places_every_well_where_a_click_finds_it(qtbot, rows, co
         assert view.cell_at(rect.center()) == (r, c)
     assert view.cell_at(QPoint(-1, 5)) is None and view.cell_at(QPoint(width + 5, 5)) is None
     assert view.describe(0, 0) == "A01: 3 frames, newest just now"
+
+    def colour(row: int, col: int) -> tuple[int, int, int]:
+        image = view.grab().toImage()
+        c = image.pixelColor(view.cell_rect(row, col).center() * view.devicePixelRatioF())
+        return c.red(), c.green(), c.blue()
+
+    def near(got: tuple[int, int, int], name: str) -> bool:  # displays may round colours
+        want = QColor(view.colors[name])
+        return max(abs(a - b) for a, b in zip(got, (want.red(), want.green(), want.blue()),
+                                              strict=True)) <= 12
+
+    assert near(colour(0, 0), "recent")  # arriving now
     now[0] = 160.0
     assert view.describe(rows - 1, cols - 1).endswith("newest 60 s ago")
     assert view.describe(1, 0) == f"{well_name(1, 0)}: no frames yet"
+    view.set_colors(view.colors)  # redrawn a minute later: no well is arriving now
+    assert near(colour(0, 0), "data")  # as many frames as the fullest well
+    faint = colour(1, 1)  # a third of them: fainter
+    assert not near(faint, "data") and not near(faint, "empty") and not near(faint, "recent")
     clicked: list[str] = []
     view.well_clicked.connect(clicked.append)
     qtbot.mouseClick(view, Qt.MouseButton.LeftButton, pos=view.cell_rect(rows // 2, 1).center())

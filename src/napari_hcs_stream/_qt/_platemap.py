@@ -1,7 +1,8 @@
 """The plate map: every well of the plate, filled where frames arrived; click one to go there.
 
 Wells that received a frame in the last :data:`RECENT_S` seconds are drawn in the accent
-colour, so a glance shows where the pipeline is working; the well the sliders show is ringed.
+colour, so a glance shows where the pipeline is working; other wells with frames are fainter
+the fewer frames they have next to the fullest well; the well the sliders show is ringed.
 The grid is painted into a cached pixmap when the plate changes (a few times a second at
 most); a slider move repaints only the ring.
 """
@@ -93,6 +94,13 @@ class PlateMapView(QWidget):
     def set_colors(self, colors: Mapping[str, str]) -> None:
         self._colors = {**DEFAULT_COLORS, **colors}
         self._invalidate()
+
+    def data_color(self, frames: int, most: int) -> QColor:
+        """A well with frames: fainter the fewer it has next to the fullest well (a well
+        still in progress, or one whose sites or channels partly failed)."""
+        color = QColor(self._colors["data"])
+        color.setAlphaF(0.4 + 0.6 * min(1.0, frames / max(most, 1)))
+        return color
 
     def recent(self, status: WellStatus) -> bool:
         return self._clock() - status.last_seen < self.recent_s
@@ -190,19 +198,21 @@ class PlateMapView(QWidget):
         if top:  # the grid left room for row and column labels
             self._paint_labels(painter, plate, cell, left, top)
         painter.setPen(Qt.PenStyle.NoPen)
-        brushes = {k: QColor(self._colors[k]) for k in ("empty", "data", "recent")}
+        empty, recent_color = QColor(self._colors["empty"]), QColor(self._colors["recent"])
+        most = max((w.frames for w in plate.cells.values()), default=1)
         inset = 1 if cell >= 4 else 0
         newest = None
         for row in range(plate.rows):
             for col in range(plate.cols):
                 status = plate.at(row, col)
-                kind = "empty"
-                if status is not None:
-                    recent = self.recent(status)
-                    kind = "recent" if recent else "data"
-                    if recent:
-                        newest = max(newest or 0.0, status.last_seen)
-                painter.setBrush(brushes[kind])
+                if status is None:
+                    brush = empty
+                elif self.recent(status):
+                    brush = recent_color
+                    newest = max(newest or 0.0, status.last_seen)
+                else:
+                    brush = self.data_color(status.frames, most)
+                painter.setBrush(brush)
                 rect = QRect(left + col * cell, top + row * cell, cell, cell).adjusted(
                     inset, inset, -inset, -inset)
                 if cell >= 8:
