@@ -859,20 +859,21 @@ class PlateAssembler:
         """The wells with frames (one run's, or every run's) placed on their plate, for the
         widget's plate map; ``None`` before any frame named a well. A run's layout is its
         ``meta["plate"]``; for every run, the largest one declared."""
-        with self._lock:
-            tallies = [(well, frames, seen) for (r, well), (frames, seen) in self._wells.items()
+        with self._lock:  # copies only: commit() waits for this lock on every frame
+            index = self._index["well"]
+            tallies = [(well, frames, seen, index.get(well))
+                       for (r, well), (frames, seen) in self._wells.items()
                        if run is None or r == run]
             if run is None:
                 plates = list(self._plates.values())
             else:
                 plates = [self._plates[run]] if run in self._plates else []
-            index = self._index["well"]
-            merged: dict[str, WellStatus] = {}
-            for well, frames, seen in tallies:
-                before = merged.get(well)
-                if before is not None:  # the same well in several runs
-                    frames, seen = frames + before.frames, max(seen, before.last_seen)
-                merged[well] = WellStatus(str(well), frames, seen, index.get(well))
+        merged: dict[str, WellStatus] = {}
+        for well, frames, seen, slider in tallies:
+            before = merged.get(well)
+            if before is not None:  # the same well in several runs
+                frames, seen = frames + before.frames, max(seen, before.last_seen)
+            merged[well] = WellStatus(str(well), frames, seen, slider)
         declared = max((p for p in plates if isinstance(p, Mapping)), default=None,
                        key=lambda p: math.prod(plate_layout(p, ())[:2]))
         return build_plate_map(merged.values(), declared)
