@@ -35,7 +35,7 @@ import zmq
 from zmq.auth.certs import load_certificate
 from zmq.utils import z85
 
-from .endpoints import is_local_address, private_dir, tcp_host
+from .endpoints import bind_socket, is_local_address, private_dir, tcp_host
 
 log = logging.getLogger(__name__)
 
@@ -289,3 +289,22 @@ class Gatekeeper:
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
+
+
+def bind_server(context: zmq.Context[Any], sock: zmq.Socket[Any], address: str,
+                auth: bool | None, on_refused: Callable[[str], None] | None,
+                what: str) -> tuple[Gatekeeper | None, str, int | None]:
+    """Bind a server socket (the viewer's data or control socket), behind a CURVE gate when
+    :meth:`Gatekeeper.needed` says so: ``(gate or None, bound address, ipc inode)``. A failed
+    bind closes the socket and the gate and raises ``OSError`` saying what could not ``what``.
+    """
+    gate = Gatekeeper.needed(context, address, auth, on_refused)
+    if gate is not None:
+        gate.secure(sock)
+    try:
+        bound, inode = bind_socket(sock, address, what)
+    except OSError:
+        if gate is not None:
+            gate.close()
+        raise
+    return gate, bound, inode

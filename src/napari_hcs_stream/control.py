@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import __version__
-from .auth import Gatekeeper, secure_client, server_key_for
-from .endpoints import bind_socket, prepare_ipc_bind, remove_ipc_file
+from .auth import Gatekeeper, bind_server, secure_client, server_key_for
+from .endpoints import prepare_ipc_bind, remove_ipc_file
 from .protocol import (
     CONTROL_COMMANDS,
     DEFAULT_LIMITS,
@@ -96,17 +96,10 @@ class ControlServer:
         """Bind (in the calling thread) and return the real address (OS-chosen TCP port)."""
         prepare_ipc_bind(self.address)
         ctx = self._context = self._context or zmq.Context()
-        self.gate = Gatekeeper.needed(ctx, self.address, self.auth, self._refused)
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        if self.gate is not None:
-            self.gate.secure(sock)
-        try:
-            self.address, self._inode = bind_socket(sock, self.address,
-                                                    "bind the control address")
-        except OSError:
-            self._close_gate()
-            raise
+        self.gate, self.address, self._inode = bind_server(
+            ctx, sock, self.address, self.auth, self._refused, "bind the control address")
         self.socket = sock
         return self.address
 

@@ -26,10 +26,9 @@ import zmq
 
 from ._context import data_context
 from ._gilrecv import HeaderReceiver, OversizePart, header_receiver
-from .auth import Gatekeeper
+from .auth import Gatekeeper, bind_server
 from .endpoints import (
     Endpoint,
-    bind_socket,
     endpoint_to_bind,
     prepare_ipc_bind,
     readable,
@@ -174,18 +173,12 @@ class Receiver:
         want = endpoint_to_bind(self.endpoint_spec)
         prepare_ipc_bind(want.data)
         ctx = self._context = self._context or data_context()
-        self.gate = Gatekeeper.needed(ctx, want.data, self.auth, self.record_refusal)  # first
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        if self.gate is not None:
-            self.gate.secure(sock)
-        try:
-            data, self._inode = bind_socket(sock, want.data, "listen on")
-        except OSError:
-            self._close_gate()
-            raise
+        self.gate, data, self._inode = bind_server(ctx, sock, want.data, self.auth,
+                                                   self.record_refusal, "listen on")
         self.socket = sock
         self._poll_items = [(sock, zmq.POLLIN)]
         if self.gate is not None and self.gate.socket is not None:
