@@ -108,11 +108,6 @@ class ControlServer:
         gate = self.gate.socket if self.gate is not None else None
         return [s for s in (self.socket, gate) if s is not None]
 
-    def _close_gate(self) -> None:
-        if self.gate is not None:
-            self.gate.close()
-            self.gate = None
-
     def handle_pending(self) -> int:
         """Answer every request already waiting (up to ``batch``); never blocks."""
         sock = self.socket
@@ -167,7 +162,9 @@ class ControlServer:
             self.socket.close(linger=0)
             self.socket = None
             remove_ipc_file(self.address, self._inode)
-        self._close_gate()
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
         if self._own_context and self._context is not None:
             self._context.term()
             self._context = None

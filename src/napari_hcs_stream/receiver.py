@@ -218,7 +218,9 @@ class Receiver:
         if self._registered and self.endpoint is not None:
             unregister_endpoint(self.endpoint.name)
             self._registered = False
-        self._close_gate()
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
         if self._own_context and self._context is not None:
             self._context.term()
             self._context = None
@@ -226,11 +228,6 @@ class Receiver:
     def sockets(self) -> list[zmq.Socket]:
         """What to poll: the data socket, and the CURVE gate when there is one."""
         return [sock for sock, _events in self._poll_items]
-
-    def _close_gate(self) -> None:
-        if self.gate is not None:
-            self.gate.close()
-            self.gate = None
 
     def record_refusal(self, reason: str) -> None:
         """A connection a CURVE gate refused (wrong or unknown key), this receiver's or its
