@@ -11,6 +11,7 @@ import pytest
 from napari_hcs_stream.assembler import (
     DEFAULT_MODES,
     DIRTY_STEPS_CAP,
+    RUN_QUIET_S,
     STACK_AXES,
     AssemblerFull,
     LayerUpdate,
@@ -390,6 +391,59 @@ def test_clear_one_run_leaves_the_other(asm):
     put(asm, item("C01"), 5)  # index maps start again after clearing everything
     u = by_name(asm.take_updates())
     assert u["out [r1]"].removed is False and u["out [r1]"].data.shape[WELL] == 1
+
+
+def test_keep_runs_drops_the_oldest_quiet_runs_and_never_a_streaming_one():
+    clock = FakeClock()
+    asm = PlateAssembler(max_bytes=1 << 30, clock=clock, keep_runs=2)
+    for run in ("r1", "r2"):
+        put(asm, item("A01", run=run), 1)
+        put(asm, item("A01", channel=1, run=run, source="nuclei"), 1)  # a second group
+    asm.take_updates()
+    clock.now += 1.0
+    put(asm, item("A01", run="r3"), 3)
+    held = asm.nbytes
+    assert [u.name for u in asm.take_updates()] == ["out [r3]"]  # r1 still streams: kept
+    assert asm.state()["runs"] == ["r1", "r2", "r3"]
+
+    clock.now += RUN_QUIET_S - 1.0 + 1e-6  # r1 quiet for RUN_QUIET_S now
+    put(asm, item("B01", run="r3"), 3)
+    updates = asm.take_updates()
+    assert [(u.name, u.removed) for u in updates] == [  # removals first
+        ("out [r1]", True), ("Channel 1 · nuclei [r1]", True), ("out [r3]", False)]
+    state = asm.state()
+    assert state["runs"] == ["r2", "r3"] and state["runs_dropped"] == 1
+    assert state["keep_runs"] == 2 and asm.nbytes == sum(i.nbytes for i in asm.layers()) < held
+    assert asm.plate_map("r1") is None and asm.plate_map("r2") is not None
+
+    put(asm, item("C01", run="r1"), 5)  # a dropped run that sends again is the newest run,
+    updates = asm.take_updates()  # and r2, quiet, is now the oldest of three
+    assert [(u.name, u.removed, u.new) for u in updates] == [
+        ("out [r2]", True, False), ("Channel 1 · nuclei [r2]", True, False),
+        ("out [r1]", False, True)]
+    assert asm.state()["runs"] == ["r3", "r1"] and asm.runs_dropped == 2
+
+
+def test_keep_runs_applies_when_set_and_zero_keeps_everything():
+    clock = FakeClock()
+    asm = PlateAssembler(max_bytes=1 << 30, clock=clock)
+    assert asm.keep_runs == 0
+    for run in ("r1", "r2", "r3"):
+        put(asm, item("A01", run=run), 1)
+    asm.take_updates()
+    clock.now += 60.0
+    asm.take_updates()
+    assert asm.state()["runs"] == ["r1", "r2", "r3"]  # 0: every run stays
+
+    asm.keep_runs = 1  # takes effect at once: the tick that follows removes the layers
+    assert asm.state()["runs"] == ["r3"] and asm.runs_dropped == 2
+    assert sorted(u.name for u in asm.take_updates()) == ["out [r1]", "out [r2]"]
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="keep_runs must be a whole number"):
+            asm.keep_runs = bad  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="keep_runs"):
+        PlateAssembler(keep_runs=-2)
+    assert asm.keep_runs == 1
 
 
 def test_commit_after_clear_is_ignored(asm):

@@ -131,6 +131,22 @@ def test_concurrent_start_viewer_launches_one(endpoint_name: str):
         owner._process.wait(timeout=30)
 
 
+def test_viewer_command_keep_runs_reaches_the_widget(endpoint_name: str):
+    """``napari-hcs-stream viewer --keep-runs N``: the launched widget keeps N runs."""
+    env = {**os.environ, "NAPARI_HCS_STREAM_OWNED": "1"}  # a shutdown request closes it
+    cmd = [sys.executable, "-m", "napari_hcs_stream", "viewer", "--endpoint", endpoint_name,
+           "--keep-runs", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manager = ViewerManager(endpoint_name)
+    try:
+        wait_until(manager.ping, timeout=120, message="the viewer answers")
+        state = manager.state()
+        assert state["keep_runs"] == 2 and state["runs_dropped"] == 0
+    finally:
+        manager.stop_viewer(force=True)
+        proc.wait(timeout=30)
+
+
 def test_viewer_killed_mid_run_does_not_fail_the_pipeline(endpoint_name: str, tmp_path: Path):
     manager = ViewerManager(endpoint_name, persistent=False)
     info = manager.start_viewer()

@@ -198,6 +198,43 @@ def test_deleting_the_widget_or_closing_napari_ends_the_thread(docked, qtbot, ru
     assert lookup_endpoint("gone") is None and lookup_endpoint("gone2") is None
 
 
+def test_keep_runs_clears_older_runs_once_quiet(docked, qtbot, runtime_dir, monkeypatch,
+                                                private_plugin_settings):
+    from napari_hcs_stream import assembler
+
+    monkeypatch.setattr(assembler, "RUN_QUIET_S", 0.3)
+    viewer, widget = docked()
+    assert widget.keep_spin.value() == 0 and widget.keep_spin.text() == "all"
+    listen(qtbot, widget, "keep")
+    with Publisher("keep", run="old", producer="p1", connect_timeout=10) as pub:
+        pub.publish(plane_for("A01", 1, "DAPI"), well="A01", site=1, channel="DAPI")
+        pub.publish(plane_for("A01", 1, "GFP"), well="A01", site=1, channel="GFP")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=10000)
+    widget.keep_spin.setValue(1)  # one run: nothing to drop yet
+    assert widget.assembler.keep_runs == 1
+    assert "keep_runs: 1" in (private_plugin_settings / "napari-hcs-stream.yaml").read_text()
+    with Publisher("keep", run="new", producer="p2", connect_timeout=10) as pub:
+        pub.publish(plane_for("B02", 1, "DAPI"), well="B02", site=1, channel="DAPI")
+        qtbot.waitUntil(lambda: [layer.name for layer in viewer.layers]
+                        == ["DAPI · output [new]"], timeout=10000)
+    assert widget.assembler.state()["runs"] == ["new"]
+    qtbot.waitUntil(lambda: "1 older run dropped" in widget.memory_label.text(), timeout=5000)
+    qtbot.waitUntil(lambda: widget.run_combo.count() == 2, timeout=5000)  # (all runs), new
+    _viewer2, widget2 = docked()  # the next widget starts from the remembered setting
+    assert widget2.keep_spin.value() == 1 and widget2.assembler.keep_runs == 1
+    widget.keep_spin.setValue(0)
+    assert widget.assembler.keep_runs == 0
+
+
+def test_keep_runs_from_the_environment_wins(docked, monkeypatch, caplog):
+    monkeypatch.setenv("NAPARI_HCS_STREAM_KEEP_RUNS", "3")
+    _viewer, widget = docked()
+    assert widget.keep_spin.value() == 3 and widget.assembler.keep_runs == 3
+    monkeypatch.setenv("NAPARI_HCS_STREAM_KEEP_RUNS", "lots")
+    _viewer, widget = docked()
+    assert widget.assembler.keep_runs == 0 and "ignoring keep_runs='lots'" in caplog.text
+
+
 def test_late_viewer_assembles_what_it_gets(docked, qtbot, runtime_dir):
     viewer, widget = docked()
     pub = Publisher("late", run="r", producer="early", connect_timeout=0.0)

@@ -15,6 +15,7 @@ slider index is global (arrival order), so it is the same in every layer and eve
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import random
@@ -33,6 +34,8 @@ from ._prefault import Prefaulter
 from .labels import channel_display_name, format_labels
 from .platemap import PlateMap, WellStatus, build_plate_map, plate_layout
 from .protocol import FrameHeader
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODES",
@@ -78,6 +81,9 @@ _CONTRAST_POOL = 16
 DIRTY_STEPS_CAP = 256
 #: Routes of items remembered (about 300 bytes each); past this the cache starts over.
 _ROUTES_CAP = 1 << 16
+#: With ``keep_runs`` set, an older run is dropped only once it has sent nothing for this long
+#: (two runs streaming at once never take turns dropping each other).
+RUN_QUIET_S = 5.0
 
 _CYCLE = ("cyan", "magenta", "yellow", "green", "blue", "red")
 _COLOR_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -152,6 +158,13 @@ class LayerInfo:
     nbytes: int
 
 
+def _check_keep_runs(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"keep_runs must be a whole number >= 0 (0: keep every run), "
+                         f"got {value!r}")
+    return value
+
+
 def default_max_bytes() -> int:
     """Half the physical memory: streamed layers must leave room for napari and the rest."""
     try:
@@ -201,6 +214,8 @@ class _Group:
     colormaps: dict[str, str] = field(default_factory=dict)
     cycle: int = 0
     first_signature: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    #: assembler clock of this group's newest frame (of its creation, before any)
+    last_seen: float = 0.0
 
     def merge_meta(self, meta: Mapping[str, Any]) -> None:
         names = meta.get("channel_names")
@@ -325,13 +340,18 @@ class PlateAssembler:
     ``contrast_interval`` set the contrast refinement throttle (injectable for tests).
     ``prefault``: commit stack memory a few MiB ahead of the writes in a background thread
     (see :mod:`napari_hcs_stream._prefault`), so the listener does not pay the page faults.
+    ``keep_runs``: keep only the newest runs this many (0: all); see :attr:`keep_runs`.
     """
 
     def __init__(self, modes: Mapping[str, Mode | str] | None = None,
                  max_bytes: int | None = None, *, clock: Callable[[], float] = time.monotonic,
-                 contrast_interval: float = 1.0, prefault: bool = True) -> None:
+                 contrast_interval: float = 1.0, prefault: bool = True,
+                 keep_runs: int = 0) -> None:
         self._modes = {**DEFAULT_MODES, **_parse_modes(modes or {}, "modes")}
         self._max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
+        self._keep_runs = _check_keep_runs(keep_runs)
+        #: runs dropped so far because newer ones arrived (``keep_runs``)
+        self.runs_dropped = 0
         self._clock = clock
         self._contrast_interval = contrast_interval
         # _lock guards all shared state and is held only briefly; _write_lock serialises the
@@ -379,6 +399,24 @@ class PlateAssembler:
             self._max_bytes = int(value)
 
     @property
+    def keep_runs(self) -> int:
+        """How many runs to keep, newest first (0: every run until cleared).
+
+        Runs are ordered by their first frame. Once there are more, the older ones are
+        dropped as if cleared, each as soon as it has been quiet (no frame) for
+        :data:`RUN_QUIET_S`; checked on every :meth:`take_updates` and when this is set. A
+        dropped run that sends again comes back as the newest run, as after a clear.
+        """
+        return self._keep_runs
+
+    @keep_runs.setter
+    def keep_runs(self, value: int) -> None:
+        value = _check_keep_runs(value)
+        with self._lock:
+            self._keep_runs = value
+            self._drop_old_runs()
+
+    @property
     def modes(self) -> dict[str, Mode]:
         return dict(self._modes)
 
@@ -405,7 +443,8 @@ class PlateAssembler:
                     raise ValueError("meta['modes'] must be an object like {'channel': 'stack'}")
                 modes.update(_parse_modes(meta_modes, "meta['modes']"))
             group = _Group(header.run, header.source,
-                           tuple(modes[c] is Mode.LAYER for c in STACK_AXES))
+                           tuple(modes[c] is Mode.LAYER for c in STACK_AXES),
+                           last_seen=self._clock())
             self._groups[(header.run, header.source)] = group
         return group
 
@@ -652,6 +691,7 @@ class PlateAssembler:
                     return
                 layer.frames += 1
                 layer.newest = idx
+                layer.group.last_seen = now
                 well = header.coords.well
                 if well is not None:
                     tally = self._wells.get((header.run, well))
@@ -711,6 +751,8 @@ class PlateAssembler:
     def take_updates(self) -> list[LayerUpdate]:
         """One update per layer changed since the last call, removals first. Cheap: no copies."""
         with self._lock:
+            if self._keep_runs:
+                self._drop_old_runs()
             updates, self._removed = self._removed, []
             dirty, self._dirty = self._dirty, {}
             for layer in dirty.values():
@@ -758,7 +800,8 @@ class PlateAssembler:
             nbytes, cap = self._nbytes, self._max_bytes
         layers = [{**asdict(info), "shape": list(info.shape)} for info in infos]
         return {"layers": layers, "frames": sum(i.frames for i in infos), "nbytes": nbytes,
-                "max_bytes": cap, "runs": runs, "plates": plates}
+                "max_bytes": cap, "runs": runs, "plates": plates,
+                "keep_runs": self._keep_runs, "runs_dropped": self.runs_dropped}
 
     def clear(self, run: str | None = None) -> int:
         """Drop one run's layers (or all, and the index maps); returns how many were dropped.
@@ -767,30 +810,57 @@ class PlateAssembler:
         the arrays too.
         """
         with self._lock:
-            victims = [lay for lay in self._layers.values() if run is None or lay.group.run == run]
-            for layer in victims:
-                if layer.announced:
-                    self._removed.append(LayerUpdate(
-                        name=layer.name, key=layer.key, kind=layer.kind, data=None,
-                        removed=True, metadata=self._metadata(layer)))
-            if run is None:
-                removed = self._removed
-                self._reset()
-                self._removed = removed
-                return len(victims)
-            for layer in victims:
-                del self._layers[layer.key]
-                del self._by_name[layer.name]
-                self._dirty.pop(layer.key, None)
-                self._nbytes -= layer.stack.nbytes
-            for group_key in [k for k in self._groups if k[0] == run]:
-                del self._groups[group_key]
-            self._handoff = None
-            self._plates.pop(run, None)
-            for tally_key in [k for k in self._wells if k[0] == run]:
-                del self._wells[tally_key]
-            self._generation += 1
+            if run is not None:
+                return self._drop_run(run)
+            victims = list(self._layers.values())
+            self._announce_removal(victims)
+            removed = self._removed
+            self._reset()
+            self._removed = removed
             return len(victims)
+
+    def _announce_removal(self, victims: list[_Layer]) -> None:
+        for layer in victims:
+            if layer.announced:
+                self._removed.append(LayerUpdate(
+                    name=layer.name, key=layer.key, kind=layer.kind, data=None,
+                    removed=True, metadata=self._metadata(layer)))
+
+    def _drop_run(self, run: str) -> int:
+        """Forget one run's layers, groups and tallies (``_lock`` held)."""
+        victims = [layer for layer in self._layers.values() if layer.group.run == run]
+        self._announce_removal(victims)
+        for layer in victims:
+            del self._layers[layer.key]
+            del self._by_name[layer.name]
+            self._dirty.pop(layer.key, None)
+            self._nbytes -= layer.stack.nbytes
+        for group_key in [k for k in self._groups if k[0] == run]:
+            del self._groups[group_key]
+        self._handoff = None
+        self._plates.pop(run, None)
+        for tally_key in [k for k in self._wells if k[0] == run]:
+            del self._wells[tally_key]
+        self._generation += 1
+        return len(victims)
+
+    def _drop_old_runs(self) -> None:
+        """Drop the runs older than the newest ``keep_runs`` once quiet (``_lock`` held)."""
+        keep = self._keep_runs
+        if not keep:
+            return
+        seen: dict[str, float] = {}  # run -> its newest frame, runs in order of appearance
+        for group in self._groups.values():
+            seen[group.run] = max(seen.get(group.run, 0.0), group.last_seen)
+        if len(seen) <= keep:
+            return
+        now = self._clock()
+        for run in list(seen)[:-keep]:
+            if now - seen[run] >= RUN_QUIET_S:
+                dropped = self._drop_run(run)
+                self.runs_dropped += 1
+                log.info("dropped run %r (%d layers): keeping the newest %d run(s)",
+                         run, dropped, keep)
 
     def label_text(self, layer_name: str, stack_step: tuple[int, ...]) -> str:
         """Overlay text for a layer at the given stack indices: ``Well B03 | Site 2 | DAPI``.

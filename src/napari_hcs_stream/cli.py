@@ -17,7 +17,17 @@ from . import __version__
 def _viewer(args: argparse.Namespace) -> int:
     from ._qt.launch import run_viewer
 
-    return run_viewer(args.endpoint, title=args.title)
+    return run_viewer(args.endpoint, title=args.title, keep_runs=args.keep_runs)
+
+
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -81,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default="default",
                    help="endpoint name (default: %(default)s) or address such as tcp://127.0.0.1:5555")
     p.add_argument("--title", default=None, help="window title")
+    p.add_argument("--keep-runs", type=_whole_number, default=None, metavar="N",
+                   help="keep only the newest N runs, clearing older ones once they are quiet "
+                        "(0: every run; default: the plugin setting)")
     p.set_defaults(func=_viewer)
 
     from .demo import add_demo_arguments

@@ -19,6 +19,7 @@ PLUGIN = "napari-hcs-stream"
 ENV_ENDPOINT = "NAPARI_HCS_STREAM_ENDPOINT"
 ENV_AUTOSTART = "NAPARI_HCS_STREAM_AUTOSTART"
 ENV_OWNED = "NAPARI_HCS_STREAM_OWNED"
+ENV_KEEP_RUNS = "NAPARI_HCS_STREAM_KEEP_RUNS"
 DEFAULT_ENDPOINT = "default"
 
 
@@ -54,6 +55,21 @@ def autostart() -> bool:
     return bool(getattr(settings, "autostart", False)) if settings is not None else False
 
 
+def keep_runs() -> int:
+    """How many runs the widget keeps, newest first (0: all); a bad value reads as 0."""
+    env = os.environ.get(ENV_KEEP_RUNS, "").strip()
+    settings = _plugin_settings()
+    value: Any = env or (getattr(settings, "keep_runs", 0) if settings is not None else 0)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0:
+        log.warning("ignoring keep_runs=%r: expected a whole number >= 0", value)
+        return 0
+    return number
+
+
 def launched() -> bool:
     """This napari was started by our launcher (it may close on a ``shutdown`` with close)."""
     return _env_flag(ENV_AUTOSTART) or _env_flag(ENV_OWNED)
@@ -66,8 +82,18 @@ def owned() -> bool:
 
 def remember_endpoint(endpoint: str) -> None:
     """Keep the endpoint the user typed for next time (only ever called from a UI action)."""
+    _remember("endpoint", endpoint, ENV_ENDPOINT)
+
+
+def remember_keep_runs(value: int) -> None:
+    """Keep the number of runs the user chose for next time (a UI action only)."""
+    _remember("keep_runs", value, ENV_KEEP_RUNS)
+
+
+def _remember(name: str, value: Any, env: str) -> None:
+    """Save a setting, unless the environment decides it for this process."""
     settings = _plugin_settings()
-    if settings is None or os.environ.get(ENV_ENDPOINT):
+    if settings is None or os.environ.get(env):
         return
     with contextlib.suppress(Exception):
-        settings.endpoint = endpoint
+        setattr(settings, name, value)

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -114,7 +115,8 @@ class StreamWidget(QWidget):
         self.owned = _settings.owned()
         #: a ``shutdown`` request with ``close: true`` closes napari (our launcher started it).
         self.launched = _settings.launched()
-        self._assembler = assembler if assembler is not None else PlateAssembler()
+        self._assembler = (assembler if assembler is not None
+                           else PlateAssembler(keep_runs=_settings.keep_runs()))
         self._counter = CommitCounter()
         self._res = _Resources()
         self._was_docked = False
@@ -241,12 +243,22 @@ class StreamWidget(QWidget):
             "run to make room). Applies to the next allocation."
         )
         self.cap_spin.valueChanged.connect(self._on_cap_changed)
+        self.keep_spin = QSpinBox()
+        self.keep_spin.setRange(0, 999)
+        self.keep_spin.setSpecialValueText("all")  # shown for 0
+        self.keep_spin.setValue(int(getattr(self._assembler, "keep_runs", 0)))
+        self.keep_spin.setToolTip(
+            "Keep only this many runs, the newest; an older run is cleared once it has been "
+            "quiet for a few seconds. all: keep every run until you clear it."
+        )
+        self.keep_spin.valueChanged.connect(self._on_keep_runs_changed)
 
         form = QFormLayout()
         form.addRow("Endpoint", row)
         form.addRow("State", self.state_label)
         form.addRow("Memory", self.memory_label)
         form.addRow("Memory cap", self.cap_spin)
+        form.addRow("Keep runs", self.keep_spin)
 
         self.mode_combos: dict[str, QComboBox] = {}
         modes_box = QGroupBox("Show each component as (new layers)")
@@ -369,9 +381,9 @@ class StreamWidget(QWidget):
         """Memory held and the runs to clear (from ``assembler.state()``; a few Hz at most)."""
         state = self._assembler.state()
         layers = len(self._res.render.streamed()) if self._res.render else 0
-        self.memory_label.setText(
-            f"{_human_bytes(state['nbytes'])} in {layers} layers"
-        )
+        dropped = int(state.get("runs_dropped", 0))
+        older = f"; {dropped} older run{'s' * (dropped != 1)} dropped" if dropped else ""
+        self.memory_label.setText(f"{_human_bytes(state['nbytes'])} in {layers} layers{older}")
         runs = [str(r) for r in state["runs"]]
         current = [self.run_combo.itemText(i) for i in range(1, self.run_combo.count())]
         if runs != current:
@@ -462,6 +474,13 @@ class StreamWidget(QWidget):
 
     def _on_cap_changed(self, gib: float) -> None:
         self._assembler.max_bytes = int(gib * GIB)
+
+    def _on_keep_runs_changed(self, value: int) -> None:
+        self._assembler.keep_runs = value  # drops quiet older runs now; the tick removes them
+        _settings.remember_keep_runs(value)
+        if self._res.render is not None:
+            self._res.render.tick()
+        self.refresh_info()
 
     def _on_mode_changed(self, _text: str) -> None:
         self._assembler.set_modes({c: combo.currentText() for c, combo in self.mode_combos.items()})
