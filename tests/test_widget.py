@@ -210,6 +210,7 @@ def test_keep_runs_clears_older_runs_once_quiet(docked, qtbot, runtime_dir, monk
         pub.publish(plane_for("A01", 1, "DAPI"), well="A01", site=1, channel="DAPI")
         pub.publish(plane_for("A01", 1, "GFP"), well="A01", site=1, channel="GFP")
         qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=10000)
+    assert not widget.keep_spin.keyboardTracking()  # typing 12 never passes through 1
     widget.keep_spin.setValue(1)  # one run: nothing to drop yet
     assert widget.assembler.keep_runs == 1
     assert "keep_runs: 1" in (private_plugin_settings / "napari-hcs-stream.yaml").read_text()

@@ -246,6 +246,7 @@ class StreamWidget(QWidget):
         self.keep_spin = QSpinBox()
         self.keep_spin.setRange(0, 999)
         self.keep_spin.setSpecialValueText("all")  # shown for 0
+        self.keep_spin.setKeyboardTracking(False)  # typing 12 must not pass through 1
         self.keep_spin.setValue(int(getattr(self._assembler, "keep_runs", 0)))
         self.keep_spin.setToolTip(
             "Keep only this many runs, the newest; an older run is cleared once it has been "
@@ -476,11 +477,9 @@ class StreamWidget(QWidget):
         self._assembler.max_bytes = int(gib * GIB)
 
     def _on_keep_runs_changed(self, value: int) -> None:
-        self._assembler.keep_runs = value  # drops quiet older runs now; the tick removes them
+        self._assembler.keep_runs = value  # drops quiet older runs now
         _settings.remember_keep_runs(value)
-        if self._res.render is not None:
-            self._res.render.tick()
-        self.refresh_info()
+        self._apply_now()
 
     def _on_mode_changed(self, _text: str) -> None:
         self._assembler.set_modes({c: combo.currentText() for c, combo in self.mode_combos.items()})
@@ -492,11 +491,15 @@ class StreamWidget(QWidget):
     def clear(self, run: str | None = None) -> None:
         """Drop one run's layers (None: everything streamed) and apply it at once."""
         self._assembler.clear(run)
+        self._apply_now()
+        if run is None:
+            self.show_error("")
+
+    def _apply_now(self) -> None:
+        """Show what the assembler just changed (removed layers) without waiting a tick."""
         if self._res.render is not None:
             self._res.render.tick()
         self.refresh_info()
-        if run is None:
-            self.show_error("")
 
     def _answer(self, token: Any, action: str, do: Callable[[], dict[str, Any]]) -> None:
         """Run a control request on the main thread and always answer the client."""
