@@ -198,6 +198,66 @@ def test_mixed_frame_sizes_pad_to_the_largest_and_write_top_left(asm):
     assert (a02[:2, :2] == 9).all() and a02.sum() == 4 * 9
 
 
+def put_frame(asm: PlateAssembler, header: FrameHeader, frame: np.ndarray) -> np.ndarray:
+    """The receiver's part for real pixels: whatever destination() hands out, it fills."""
+    dest = asm.destination(header)
+    assert dest.shape == header.shape and dest.flags.writeable
+    dest[...] = frame
+    asm.commit(header, dest)
+    return dest
+
+
+def test_downsampled_layers_keep_every_nth_pixel_at_full_resolution_scale():
+    asm = PlateAssembler(max_bytes=1 << 30, downsample=2)
+    rng = np.random.default_rng(0)
+    a01 = rng.integers(0, 4000, (9, 10), dtype=np.uint16)  # odd rows: ceil(9 / 2) = 5
+    put_frame(asm, item("A01", shape=(9, 10)), a01)
+    b02 = rng.integers(0, 4000, (9, 10), dtype=np.uint16)
+    handed = put_frame(asm, item("B02", shape=(9, 10)), b02)
+    again = put_frame(asm, item("B02", shape=(9, 10)), b02 + 1)  # the route cache's path
+    assert again is handed  # one reused full-size buffer, not an allocation per frame
+    (u,) = asm.take_updates()
+    assert u.data.shape == (2, 1, 1, 1, 1, 5, 5)
+    assert u.scale == (1, 1, 1, 1, 1, 2, 2)
+    np.testing.assert_array_equal(u.data[0, 0, 0, 0, 0], a01[::2, ::2])
+    np.testing.assert_array_equal(u.data[1, 0, 0, 0, 0], (b02 + 1)[::2, ::2])
+    assert asm.nbytes < 2 * 9 * 10 * 2  # a quarter of the full frames, about
+    (info,) = asm.layers()
+    assert info.downsample == 2 and info.shape[-2:] == (5, 5)
+
+    rgb = rng.integers(0, 255, (7, 6, 3), dtype=np.uint8)  # colours are never subsampled
+    labels = rng.integers(0, 9, (6, 6), dtype=np.int32)
+    put_frame(asm, item("A01", shape=(7, 6, 3), rgb=True, dtype="uint8", source="rgb"), rgb)
+    put_frame(asm, item("A01", kind="labels", dtype="int32", shape=(6, 6), source="masks",
+                        meta={"downsample": 3}), labels)  # the producer's choice wins
+    u = by_name(asm.take_updates())
+    assert u["rgb [r1]"].scale == (1, 1, 1, 1, 1, 2, 2, 1)
+    np.testing.assert_array_equal(u["rgb [r1]"].data[0, 0, 0, 0, 0], rgb[::2, ::2])
+    assert u["masks [r1]"].scale == (1, 1, 1, 1, 1, 3, 3)
+    np.testing.assert_array_equal(u["masks [r1]"].data[0, 0, 0, 0, 0], labels[::3, ::3])
+
+    asm.downsample = 1  # layers keep theirs; new groups are full resolution
+    put_frame(asm, item("C03", shape=(9, 10)), a01)
+    put_frame(asm, item("A01", shape=(9, 10), source="full"), a01)
+    u = by_name(asm.take_updates())
+    assert u["out [r1]"].data.shape[-2:] == (5, 5)
+    assert u["full [r1]"].scale is None and u["full [r1]"].data.shape[-2:] == (9, 10)
+    assert asm.state()["downsample"] == 1
+
+
+def test_bad_downsample_is_rejected_with_a_clear_message():
+    asm = PlateAssembler(max_bytes=1 << 30)
+    for bad in (0, 65, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="downsample must be a whole number from 1"):
+            asm.downsample = bad  # type: ignore[assignment]
+        with pytest.raises(ValueError, match=r"meta\['downsample'\] must be a whole number"):
+            asm.destination(item("A01", source=f"s{bad!r}", meta={"downsample": bad}))
+    with pytest.raises(ValueError, match="downsample"):
+        PlateAssembler(downsample=0)
+    put(asm, item("A01", meta={"downsample": 4}), 1)  # and nothing else was lost
+    assert asm.layers()[0].downsample == 4
+
+
 def test_dtype_rgb_and_ndim_differences_split_layers(asm):
     put(asm, item("A01", 1, 0, meta=NAMES), 1)
     put(asm, item("A02", 1, 0, dtype="uint8"), 2)

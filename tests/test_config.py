@@ -48,6 +48,10 @@ def test_three_levels_field_by_field():
     assert r.enabled is True and r.outputs == "all"  # built-in defaults fill the rest
     assert r.colormaps["GFP"] == "cyan" and r.colormaps["DAPI"] == "blue"  # merged by key
     assert r.modes["site"] == "layer" and r.modes["channel"] == "layer"
+    assert r.downsample is None  # nobody asked: the viewer's own setting decides
+    assert resolve(step, NapariStreamingConfig(downsample=4)).downsample == 4
+    assert resolve(NapariStreamingConfig(downsample=1),
+                   NapariStreamingConfig(downsample=4)).downsample == 1
 
 
 def test_false_is_a_value_not_inherit():
@@ -154,6 +158,10 @@ def test_modes_are_normalised():
         ({"colormaps": {1: "red"}}, TypeError, "key 1"),
         ({"colormaps": {"DAPI": None}}, TypeError, "must be a string"),
         ({"channel_names": {True: "x"}}, TypeError, "key True"),
+        ({"downsample": 0}, ValueError, "downsample must be from 1"),
+        ({"downsample": 65}, ValueError, "downsample must be from 1"),
+        ({"downsample": 2.0}, TypeError, "downsample must be a whole number"),
+        ({"downsample": True}, TypeError, "downsample must be a whole number"),
     ],
 )
 def test_streaming_config_validation(kwargs, error, match):

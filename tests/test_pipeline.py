@@ -381,7 +381,7 @@ def e2e_pipeline(out: Path, strict: bool) -> Pipeline:
         # on disk without a config: must not arrive
         Step("hidden", identity, backend="disk"),
         # the final memory step is written, so it streams: the first 2 wells
-        Step("final", identity, streaming=NapariStreamingConfig(well_filter=2)),
+        Step("final", identity, streaming=NapariStreamingConfig(well_filter=2, downsample=2)),
     ], streaming=NapariStreamingConfig(endpoint="e2e", channel_names={"GFP": "Green"},
                                        colormaps={"Green": "green"}, strict=strict),
         output_dir=out)
@@ -443,6 +443,8 @@ def test_end_to_end_into_a_real_receiver(kind, strict, live_receiver, tmp_path):
         if h.kind == "image":
             assert h.meta["channel_names"] == ["DAPI", "Green"]
             assert h.meta["colormaps"] == {"DAPI": "blue", "Green": "green"}
+        # a display resolution is sent only where a config asks for one
+        assert h.meta.get("downsample") == (2 if h.source == "final" else None)
     light = [h for h, _ in live_receiver.frames if h not in firsts.values()]
     assert light and all("plate" not in h.meta for h in light)
 

@@ -227,6 +227,24 @@ def test_keep_runs_clears_older_runs_once_quiet(docked, qtbot, runtime_dir, monk
     assert widget.assembler.keep_runs == 0
 
 
+def test_resolution_downsamples_new_layers_in_full_resolution_coordinates(docked, qtbot,
+                                                                          runtime_dir):
+    viewer, widget = docked(show=True)
+    assert widget.resolution_combo.currentText() == "full"
+    widget.resolution_combo.setCurrentText("1/4")
+    assert widget.assembler.downsample == 4
+    listen(qtbot, widget, "coarse")
+    frame = np.random.default_rng(1).integers(0, 4000, (64, 66), dtype=np.uint16)
+    with Publisher("coarse", run="r", producer="p", connect_timeout=10) as pub:
+        pub.publish(frame, well="A01", channel="DAPI")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 1, timeout=10000)
+    layer = viewer.layers[0]
+    assert layer.data.shape[-2:] == (16, 17) and tuple(layer.scale[-2:]) == (4, 4)
+    np.testing.assert_array_equal(layer.data[0, 0, 0, 0, 0], frame[::4, ::4])
+    assert layer.extent.world[1][-1] >= 64  # where a full-resolution layer would end
+    assert widget.assembler.layers()[0].downsample == 4
+
+
 def test_keep_runs_from_the_environment_wins(docked, monkeypatch, caplog):
     monkeypatch.setenv("NAPARI_HCS_STREAM_KEEP_RUNS", "3")
     _viewer, widget = docked()

@@ -33,7 +33,7 @@ from . import _stackmem
 from ._prefault import Prefaulter
 from .labels import channel_display_name, format_labels
 from .platemap import PlateMap, WellStatus, build_plate_map, plate_layout
-from .protocol import FrameHeader
+from .protocol import MAX_DOWNSAMPLE, FrameHeader
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ _ROUTES_CAP = 1 << 16
 #: With ``keep_runs`` set, an older run is dropped only once it has sent nothing for this long
 #: (two runs streaming at once never take turns dropping each other).
 RUN_QUIET_S = 5.0
+#: Full-size buffers kept for downsampled layers (one per frame shape and dtype).
+_SCRATCH_CAP = 8
 
 _CYCLE = ("cyan", "magenta", "yellow", "green", "blue", "red")
 _COLOR_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -135,6 +137,8 @@ class LayerUpdate:
     contrast_limits: tuple[float, float] | None = None
     #: Stack index (one per ``STACK_AXES``) of the most recent committed frame.
     newest: tuple[int, ...] | None = None
+    #: napari ``scale`` for a downsampled layer (the step on its image axes), else ``None``.
+    scale: tuple[float, ...] | None = None
     #: ``newest`` as of the previous update: follow the newest frame only if the user was there.
     previous_newest: tuple[int, ...] | None = None
     #: Stack indices written since the last update; ``None`` means more than ``DIRTY_STEPS_CAP``.
@@ -156,6 +160,34 @@ class LayerInfo:
     dtype: str
     frames: int
     nbytes: int
+    #: the layer keeps every ``downsample``-th pixel along each image axis (1: all)
+    downsample: int = 1
+
+
+def _check_downsample(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DOWNSAMPLE:
+        raise ValueError(f"{where} must be a whole number from 1 (full resolution) to "
+                         f"{MAX_DOWNSAMPLE}, got {value!r}")
+    return value
+
+
+def _image_axes(ndim: int, rgb: bool) -> tuple[int, int]:
+    """Positions of an item's rows and columns (an RGB item ends with its colours)."""
+    return (ndim - 3, ndim - 2) if rgb else (ndim - 2, ndim - 1)
+
+
+def _reduced(shape: tuple[int, ...], rgb: bool, step: int) -> tuple[int, ...]:
+    """An item's shape once every ``step``-th row and column is kept."""
+    if step == 1:
+        return shape
+    axes = _image_axes(len(shape), rgb)
+    return tuple(-(-n // step) if i in axes else n for i, n in enumerate(shape))
+
+
+def _every(step: int, ndim: int, rgb: bool) -> tuple[slice, ...]:
+    """The index that keeps every ``step``-th row and column of an item."""
+    axes = _image_axes(ndim, rgb)
+    return tuple(slice(None, None, step) if i in axes else slice(None) for i in range(ndim))
 
 
 def _check_keep_runs(value: int) -> int:
@@ -216,6 +248,8 @@ class _Group:
     first_signature: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     #: assembler clock of this group's newest frame (of its creation, before any)
     last_seen: float = 0.0
+    #: its layers keep every ``step``-th pixel along the image axes (fixed at creation)
+    step: int = 1
 
     def merge_meta(self, meta: Mapping[str, Any]) -> None:
         names = meta.get("channel_names")
@@ -283,6 +317,11 @@ class _Layer:
             self.colormap = "gray" if channel is None else group.colormap_for(channel)
         self.blending = "additive" if channel_layer else "translucent"
         self.axis_labels = STACK_AXES + _item_axes(len(header.shape), header.rgb)
+        self.scale: tuple[float, ...] | None = None
+        if group.step > 1:
+            axes = _image_axes(len(header.shape), header.rgb)
+            self.scale = (1.0,) * _N + tuple(float(group.step) if i in axes else 1.0
+                                             for i in range(len(header.shape)))
 
     @property
     def channel(self) -> str | int | None:
@@ -341,13 +380,16 @@ class PlateAssembler:
     ``prefault``: commit stack memory a few MiB ahead of the writes in a background thread
     (see :mod:`napari_hcs_stream._prefault`), so the listener does not pay the page faults.
     ``keep_runs``: keep only the newest runs this many (0: all); see :attr:`keep_runs`.
+    ``downsample``: keep every n-th pixel along the image axes of new layers; see
+    :attr:`downsample`.
     """
 
     def __init__(self, modes: Mapping[str, Mode | str] | None = None,
                  max_bytes: int | None = None, *, clock: Callable[[], float] = time.monotonic,
                  contrast_interval: float = 1.0, prefault: bool = True,
-                 keep_runs: int = 0) -> None:
+                 keep_runs: int = 0, downsample: int = 1) -> None:
         self._modes = {**DEFAULT_MODES, **_parse_modes(modes or {}, "modes")}
+        self._downsample = _check_downsample(downsample, "downsample")
         self._max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self._keep_runs = _check_keep_runs(keep_runs)
         #: runs dropped so far because newer ones arrived (``keep_runs``)
@@ -379,8 +421,10 @@ class PlateAssembler:
         self._wells: dict[tuple[str, str], list[Any]] = {}
         #: item -> (layer key, stack index) for slots already handed out; see destination
         self._routes: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...]]] = {}
+        #: full-size buffers the receiver copies into for downsampled layers, by shape, dtype
+        self._scratch: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
         #: what the last destination() handed out, for the commit() that follows it
-        #: (header, layer, stack index, view, whether the slot was new: frames reach further)
+        #: (header, layer, stack index, view in the stack, whether the slot was new)
         self._handoff: tuple[FrameHeader, _Layer, tuple[int, ...], np.ndarray, bool] | None = (
             None)
         self._nbytes = 0
@@ -417,6 +461,22 @@ class PlateAssembler:
             self._drop_old_runs()
 
     @property
+    def downsample(self) -> int:
+        """Display resolution of layers that appear from now on: every n-th pixel along the
+        image axes (1: full resolution; a producer's ``meta["downsample"]`` wins for its own
+        ``(run, source)``). A layer keeps its resolution until cleared. The pixels are
+        subsampled while they are copied into place (no filtering: exact for labels, and
+        what a live overview needs), memory shrinks by n x n, and the layer's ``scale``
+        keeps it in full-resolution pixel coordinates."""
+        return self._downsample
+
+    @downsample.setter
+    def downsample(self, value: int) -> None:
+        value = _check_downsample(value, "downsample")
+        with self._lock:
+            self._downsample = value
+
+    @property
     def modes(self) -> dict[str, Mode]:
         return dict(self._modes)
 
@@ -442,9 +502,12 @@ class PlateAssembler:
                 if not isinstance(meta_modes, Mapping):
                     raise ValueError("meta['modes'] must be an object like {'channel': 'stack'}")
                 modes.update(_parse_modes(meta_modes, "meta['modes']"))
+            step = header.meta.get("downsample")
+            step = (self._downsample if step is None
+                    else _check_downsample(step, "meta['downsample']"))
             group = _Group(header.run, header.source,
                            tuple(modes[c] is Mode.LAYER for c in STACK_AXES),
-                           last_seen=self._clock())
+                           last_seen=self._clock(), step=step)
             self._groups[(header.run, header.source)] = group
         return group
 
@@ -480,12 +543,14 @@ class PlateAssembler:
         key = (header.run, header.source, header.kind, tuple(layer_values), signature)
         return group, key, idx, fresh
 
-    def _grown_shape(self, layer: _Layer | None, idx: list[int], header: FrameHeader
-                     ) -> tuple[int, ...]:
-        """Capacity after growth: x2 along axes that need it, less if that breaks the cap."""
-        old = layer.stack.shape if layer is not None else (0,) * (_N + len(header.shape))
+    def _grown_shape(self, layer: _Layer | None, idx: list[int], header: FrameHeader,
+                     stored: tuple[int, ...]) -> tuple[int, ...]:
+        """Capacity after growth: x2 along axes that need it, less if that breaks the cap.
+        ``stored``: the item's shape in the stack (smaller than the header's when
+        downsampled)."""
+        old = layer.stack.shape if layer is not None else (0,) * (_N + len(stored))
         stack = [max(i + 1, c if i < c else 2 * c) for i, c in zip(idx, old[:_N], strict=True)]
-        item = [max(a, b) for a, b in zip(old[_N:], header.shape, strict=True)]
+        item = [max(a, b) for a, b in zip(old[_N:], stored, strict=True)]
         itemsize = np.dtype(header.dtype).itemsize
         held = self._nbytes - (layer.stack.nbytes if layer is not None else 0)
         budget = self._max_bytes - held
@@ -508,7 +573,9 @@ class PlateAssembler:
         return tuple(stack + item)
 
     def destination(self, header: FrameHeader) -> np.ndarray:
-        """A writable view of exactly ``header.shape`` where the receiver copies the pixels.
+        """A writable array of exactly ``header.shape`` where the receiver copies the pixels:
+        a view of the stack, or for a downsampled layer a reused full-size buffer whose every
+        n-th pixel :meth:`commit` then copies into the stack.
 
         O(1) amortised: dict lookups and a view, plus a geometric growth now and then.
         Raises :class:`AssemblerFull` past the memory cap, ``ValueError`` for bad meta modes.
@@ -525,17 +592,20 @@ class PlateAssembler:
                     layer = self._layers.get(known[0])
                     if layer is not None and known[1] in layer.slots:
                         region = layer.stack[known[1]]
-                        if region.shape == header.shape:  # items have not grown since
+                        step = layer.group.step
+                        item = _reduced(header.shape, header.rgb, step)
+                        if region.shape == item:  # items have not grown since
                             self._handoff = (header, layer, known[1], region, False)
-                            return region
+                            return region if step == 1 else self._scratch_for(header)
             while True:
                 with self._lock:
                     route = self._route(header, create=True)
                     assert route is not None
                     group, key, idx, fresh = route
+                    item = _reduced(header.shape, header.rgb, group.step)
                     layer = self._layers.get(key)
                     coords = header.coords
-                    if layer is not None and self._fits(layer, idx, header.shape):
+                    if layer is not None and self._fits(layer, idx, item):
                         for component, value in fresh:
                             self._index[component][value] = len(self._values[component])
                             self._values[component].append(value)
@@ -549,12 +619,12 @@ class PlateAssembler:
                         new_slot = slot_index not in layer.slots
                         layer.slots.add(slot_index)
                         slot = layer.stack[slot_index]
-                        if rkey is not None and slot.shape == header.shape:
+                        if rkey is not None and slot.shape == item:
                             if len(self._routes) >= _ROUTES_CAP:
                                 self._routes.clear()
                             self._routes[rkey] = (key, slot_index)
                         break
-                    new_shape = self._grown_shape(layer, idx, header)
+                    new_shape = self._grown_shape(layer, idx, header, item)
                     old = layer.stack if layer is not None else None
                     slots = list(layer.slots) if layer is not None else []
                     dense = layer is not None and len(slots) == math.prod(layer.used)
@@ -581,12 +651,12 @@ class PlateAssembler:
                     if old is not None:
                         # Copy only slots that were handed out: copying blank ones would touch
                         # (and so commit) pages of the new stack that nothing ever wrote.
-                        item = tuple(slice(0, n) for n in old.shape[_N:])
+                        held = tuple(slice(0, n) for n in old.shape[_N:])
                         if dense:
-                            stack[used + item] = old[used]
+                            stack[used + held] = old[used]
                         else:
                             for slot_index in slots:
-                                stack[slot_index + item] = old[slot_index]
+                                stack[slot_index + held] = old[slot_index]
                 with self._lock:
                     if generation != self._generation or self._layers.get(key) is not layer:
                         continue  # cleared meanwhile: route again
@@ -598,13 +668,24 @@ class PlateAssembler:
                         layer.memory, layer.outer = _stackmem.memory(stack), outer
                     self._nbytes += stack.nbytes
                     self.allocations += 1
-            region = tuple(slice(0, n) for n in header.shape)
-            if slot.shape != header.shape:
+            region = tuple(slice(0, n) for n in item)
+            if slot.shape != item:
                 slot[...] = 0  # a smaller item: never show an earlier, larger one around it
             view = slot[region]
             with self._lock:
                 self._handoff = (header, layer, slot_index, view, new_slot)
-            return view
+            return view if group.step == 1 else self._scratch_for(header)
+
+    def _scratch_for(self, header: FrameHeader) -> np.ndarray:
+        """A full-size buffer for a downsampled layer's frame (``_write_lock`` held): the
+        receiver copies the frame here, :meth:`commit` keeps every n-th pixel of it."""
+        key = (header.shape, header.dtype)
+        buf = self._scratch.get(key)
+        if buf is None:
+            if len(self._scratch) >= _SCRATCH_CAP:
+                self._scratch.clear()
+            buf = self._scratch[key] = np.empty(header.shape, np.dtype(header.dtype))
+        return buf
 
     @staticmethod
     def _fits(layer: _Layer, idx: list[int], shape: tuple[int, ...]) -> bool:
@@ -674,7 +755,8 @@ class PlateAssembler:
                     if found is None:
                         return
                     layer, idx = found
-                    region = layer.stack[idx + tuple(slice(0, n) for n in header.shape)]
+                    item = _reduced(header.shape, header.rgb, layer.group.step)
+                    region = layer.stack[idx + tuple(slice(0, n) for n in item)]
                 now = self._clock()
                 sample_due = layer.kind == "image" and not layer.rgb and (
                     layer.sampled < _CONTRAST_FIRST
@@ -682,8 +764,9 @@ class PlateAssembler:
                 )
                 if sample_due:
                     layer.contrast_time = now
-            if array.base is not layer.memory:
-                region[...] = array
+            if array.base is not layer.memory:  # a scratch buffer, or the receiver's own
+                step = layer.group.step
+                region[...] = array if step == 1 else array[_every(step, array.ndim, layer.rgb)]
             # Estimate before marking dirty, so a new layer's first update carries its limits.
             limits = self._refine_contrast(layer, region) if sample_due else None
             with self._lock:
@@ -767,6 +850,7 @@ class PlateAssembler:
                     axis_labels=layer.axis_labels, rgb=layer.rgb, colormap=layer.colormap,
                     blending=layer.blending, contrast_limits=layer.contrast_pending,
                     newest=layer.newest, previous_newest=layer.announced_newest,
+                    scale=layer.scale,
                     dirty_steps=None if steps is None else frozenset(steps),
                     frames=layer.frames, metadata=self._metadata(layer),
                 ))
@@ -787,7 +871,8 @@ class PlateAssembler:
                 LayerInfo(name=layer.name, run=layer.group.run, source=layer.group.source,
                           channel=layer.channel, kind=layer.kind,
                           shape=tuple(layer.trimmed().shape), dtype=str(layer.stack.dtype),
-                          frames=layer.frames, nbytes=layer.stack.nbytes)
+                          frames=layer.frames, nbytes=layer.stack.nbytes,
+                          downsample=layer.group.step)
                 for layer in self._layers.values()
             ]
 
@@ -801,7 +886,8 @@ class PlateAssembler:
         layers = [{**asdict(info), "shape": list(info.shape)} for info in infos]
         return {"layers": layers, "frames": sum(i.frames for i in infos), "nbytes": nbytes,
                 "max_bytes": cap, "runs": runs, "plates": plates,
-                "keep_runs": self._keep_runs, "runs_dropped": self.runs_dropped}
+                "keep_runs": self._keep_runs, "runs_dropped": self.runs_dropped,
+                "downsample": self._downsample}
 
     def clear(self, run: str | None = None) -> int:
         """Drop one run's layers (or all, and the index maps); returns how many were dropped.

@@ -31,6 +31,8 @@ LABEL_DTYPES: frozenset[str] = frozenset(
 KINDS: frozenset[str] = frozenset({"image", "labels"})
 COMPONENTS: tuple[str, ...] = ("well", "site", "channel", "z", "t")
 CONTROL_COMMANDS: frozenset[str] = frozenset({"ping", "state", "clear", "flush", "shutdown"})
+#: ``meta["downsample"]``, a display resolution the viewer honours: 1 (full) to this
+MAX_DOWNSAMPLE = 64
 
 
 class ProtocolError(ValueError):

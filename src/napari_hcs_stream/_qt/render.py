@@ -205,6 +205,8 @@ class RenderTick(QObject):
         labels = tuple(update.axis_labels or ())
         if labels:
             kwargs["axis_labels"] = labels
+        if update.scale is not None:  # downsampled: full-resolution pixel coordinates
+            kwargs["scale"] = tuple(update.scale)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if update.kind == "labels":
             layer = self._viewer.add_labels(update.data, **kwargs)

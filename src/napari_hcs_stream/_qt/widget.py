@@ -59,6 +59,8 @@ STATUS_WAIT_MS = 250
 #: listeners that did not stop in time: kept alive until they do (never destroyed running).
 _STUCK: list[ListenerThread] = []
 GIB = 1024**3
+#: display resolutions offered for new layers: keep every n-th pixel (1: full resolution)
+RESOLUTIONS = (1, 2, 4, 8, 16)
 
 
 class _Resources:
@@ -262,7 +264,7 @@ class StreamWidget(QWidget):
         form.addRow("Keep runs", self.keep_spin)
 
         self.mode_combos: dict[str, QComboBox] = {}
-        modes_box = QGroupBox("Show each component as (new layers)")
+        modes_box = QGroupBox("New layers: each component as, and resolution")
         grid = QGridLayout(modes_box)
         modes = {**DEFAULT_MODES, **self._assembler.modes}
         for i, component in enumerate(STACK_AXES):
@@ -274,6 +276,23 @@ class StreamWidget(QWidget):
             self.mode_combos[component] = combo
             grid.addWidget(QLabel(component), i // 3, (i % 3) * 2)
             grid.addWidget(combo, i // 3, (i % 3) * 2 + 1)
+        self.resolution_combo = QComboBox()
+        for step in RESOLUTIONS:
+            self.resolution_combo.addItem("full" if step == 1 else f"1/{step}", step)
+        current = int(getattr(self._assembler, "downsample", 1))
+        if current not in RESOLUTIONS:
+            self.resolution_combo.addItem(f"1/{current}", current)
+        self.resolution_combo.setCurrentIndex(self.resolution_combo.findData(current))
+        self.resolution_combo.setToolTip(
+            "Resolution of new layers: 1/4 keeps every 4th pixel along each image axis, a "
+            "16th of the memory (for plates too big to hold at full resolution). Layers stay "
+            "in full-resolution pixel coordinates (napari scale); a producer's "
+            "meta['downsample'] wins for its own run."
+        )
+        self.resolution_combo.currentIndexChanged.connect(self._on_resolution_changed)
+        n = len(STACK_AXES)
+        grid.addWidget(QLabel("resolution"), n // 3, (n % 3) * 2)
+        grid.addWidget(self.resolution_combo, n // 3, (n % 3) * 2 + 1)
 
         self.plate_box = QGroupBox("Plate")
         self.plate_label = QElidingLabel("")
@@ -480,6 +499,9 @@ class StreamWidget(QWidget):
         self._assembler.keep_runs = value  # drops quiet older runs now
         _settings.remember_keep_runs(value)
         self._apply_now()
+
+    def _on_resolution_changed(self, _index: int) -> None:
+        self._assembler.downsample = int(self.resolution_combo.currentData())
 
     def _on_mode_changed(self, _text: str) -> None:
         self._assembler.set_modes({c: combo.currentText() for c, combo in self.mode_combos.items()})

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from ..auth import AuthError, parse_key
 from ..endpoints import EndpointError, check_name
+from ..protocol import MAX_DOWNSAMPLE
 from .wells import FilterMode, WellFilter
 
 TRANSPORTS = ("auto", "shm", "frames")
@@ -153,7 +154,9 @@ class NapariStreamingConfig(StreamingConfig):
 
     ``modes`` maps a component (well, site, channel, z, t) to ``"stack"`` (a slider) or
     ``"layer"`` (separate layers); ``colormaps`` maps a channel name to a napari colormap;
-    ``channel_names`` renames channels for display (key: channel name or 0-based index).
+    ``channel_names`` renames channels for display (key: channel name or 0-based index);
+    ``downsample`` asks the viewer to keep every n-th pixel along the image axes (1 to 64;
+    None everywhere: the viewer's own resolution setting decides).
     """
 
     viewer_kind: ClassVar[str] = "napari"
@@ -161,10 +164,16 @@ class NapariStreamingConfig(StreamingConfig):
     modes: dict[str, str] | None = field(default=None, metadata=_MERGE)
     colormaps: dict[str, str] | None = field(default=None, metadata=_MERGE)
     channel_names: dict[str | int, str] | None = field(default=None, metadata=_MERGE)
+    downsample: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
+        _check_type(owner, "downsample", self.downsample, int,
+                    f"a whole number from 1 (full resolution) to {MAX_DOWNSAMPLE}")
+        if self.downsample is not None and not 1 <= self.downsample <= MAX_DOWNSAMPLE:
+            raise ValueError(f"{owner}.downsample must be from 1 (full resolution) to "
+                             f"{MAX_DOWNSAMPLE}, got {self.downsample}")
         object.__setattr__(self, "modes",
                            _check_mapping(owner, "modes", self.modes, (str,), DISPLAY_MODES))
         object.__setattr__(self, "colormaps",

@@ -289,6 +289,9 @@ def _publish(sink: _Sink, stream: StreamPlan, plan: StepPlan, source: str, data:
     if heavy:
         meta = {"plate": task.plate.layout(), "modes": getattr(cfg, "modes", None) or {},
                 "step": plan.step_name}
+        downsample = getattr(cfg, "downsample", None)
+        if downsample is not None:  # else the viewer's own resolution setting decides
+            meta["downsample"] = downsample
         if plan.kind != "labels":
             colormaps = getattr(cfg, "colormaps", None) or {}
             meta["channel_names"] = channels
