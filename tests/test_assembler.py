@@ -347,7 +347,7 @@ def test_memory_cap_rejects_growth_but_existing_slots_keep_working():
     with pytest.raises(AssemblerFull) as info:
         asm.destination(item("A06", shape=(64, 64)))
     assert isinstance(info.value, ValueError)
-    assert "clear a run or raise the cap in the widget" in str(info.value)
+    assert "clear a run, raise the cap, or lower the resolution" in str(info.value)
     with pytest.raises(AssemblerFull):
         asm.destination(item("A01", source="other", shape=(64, 64)))  # a new layer too
     put(asm, item("A02", shape=(64, 64)), 42)  # an existing slot still works

@@ -562,8 +562,8 @@ class PlateAssembler:
             if need > budget:
                 raise AssemblerFull(
                     f"memory cap of {_gib(self._max_bytes)} reached by streamed layers "
-                    f"({_gib(held)} held, this layer needs {_gib(need)}); clear a run or "
-                    "raise the cap in the widget"
+                    f"({_gib(held)} held, this layer needs {_gib(need)}); clear a run, raise "
+                    "the cap, or lower the resolution of new layers in the widget"
                 )
             if len(grown) == 1:  # as much headroom as fits, so growth stays rare near the cap
                 p = grown[0]
