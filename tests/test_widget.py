@@ -478,6 +478,28 @@ def test_plate_map_shows_arrived_wells_and_a_click_moves_the_sliders(docked, qtb
     assert not widget.plate_box.isVisible() and view.plate is None
 
 
+def test_go_to_newest_frame_resumes_following(docked, qtbot):
+    from _frames import put
+
+    viewer, widget = docked()
+    assembler = widget.assembler
+    assert not widget.go_to_newest()  # nothing streamed yet
+    for z in range(3):
+        put(assembler, plane_for("A01", 1, "DAPI"), well="A01", z=z, channel="DAPI")
+    widget.render_tick.tick()
+    z_axis = 4
+    assert viewer.dims.current_step[z_axis] == 2  # following
+    viewer.dims.set_current_step(z_axis, 0)  # the user looks back: following stops
+    put(assembler, plane_for("A01", 1, "DAPI"), well="A01", z=3, channel="DAPI")
+    widget.render_tick.tick()
+    assert viewer.dims.current_step[z_axis] == 0
+    widget.newest_button.click()
+    assert viewer.dims.current_step[z_axis] == 3
+    put(assembler, plane_for("A01", 1, "DAPI"), well="A01", z=4, channel="DAPI")
+    widget.render_tick.tick()
+    assert viewer.dims.current_step[z_axis] == 4  # and the sliders follow again
+
+
 @pytest.mark.parametrize(("rows", "cols", "width"), [(8, 12, 400), (16, 24, 400), (32, 48, 300)])
 def test_plate_map_view_places_every_well_where_a_click_finds_it(qtbot, rows, cols, width):
     from qtpy.QtCore import QPoint

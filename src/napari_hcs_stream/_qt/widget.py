@@ -255,6 +255,12 @@ class StreamWidget(QWidget):
             "quiet for a few seconds. all: keep every run until you clear it."
         )
         self.keep_spin.valueChanged.connect(self._on_keep_runs_changed)
+        self.newest_button = QPushButton("Go to newest frame")
+        self.newest_button.setToolTip(
+            "Move every slider to the newest frame; the sliders then follow the stream again "
+            "(they stop following when you move one yourself)"
+        )
+        self.newest_button.clicked.connect(self.go_to_newest)
 
         form = QFormLayout()
         form.addRow("Endpoint", row)
@@ -262,6 +268,7 @@ class StreamWidget(QWidget):
         form.addRow("Memory", self.memory_label)
         form.addRow("Memory cap", self.cap_spin)
         form.addRow("Keep runs", self.keep_spin)
+        form.addRow("Sliders", self.newest_button)
 
         self.mode_combos: dict[str, QComboBox] = {}
         modes_box = QGroupBox("New layers: each component as, and resolution")
@@ -476,6 +483,20 @@ class StreamWidget(QWidget):
         if newest is None or newest[STACK_AXES.index("well")] != index:
             dims.set_current_step(well_axis, index)
             return True
+        return self.go_to_newest()
+
+    def go_to_newest(self) -> bool:
+        """Move every slider to the newest frame shown (of the layer the overlay labels), so
+        the sliders follow the stream again; False when no streamed frame is shown yet."""
+        overlay = self._res.overlay
+        target = overlay.target() if overlay is not None and not self._res.closed else None
+        if target is None:
+            return False
+        name, layer = target
+        newest = self._assembler.announced_newest(name)
+        if newest is None:
+            return False
+        dims = self.viewer.dims
         dims.current_step = with_stack_step(dims.current_step, layer.ndim, newest, dims.displayed)
         return True
 
