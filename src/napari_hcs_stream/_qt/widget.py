@@ -266,8 +266,11 @@ class StreamWidget(QWidget):
         form.addRow("Endpoint", row)
         form.addRow("State", self.state_label)
         form.addRow("Memory", self.memory_label)
-        form.addRow("Memory cap", self.cap_spin)
-        form.addRow("Keep runs", self.keep_spin)
+        limits = QHBoxLayout()  # two limits on memory, side by side: one row less
+        limits.addWidget(self.cap_spin, 1)
+        limits.addWidget(QLabel("keep runs"))
+        limits.addWidget(self.keep_spin, 1)
+        form.addRow("Memory cap", limits)
         form.addRow("Sliders", self.newest_button)
 
         self.mode_combos: dict[str, QComboBox] = {}
