@@ -77,7 +77,6 @@ class RenderTick(QObject):
         #: removed no layer (creating a napari layer is a one-off that costs far more).
         self.tick_ms: deque[float] = deque(maxlen=4096)
         self.steady_tick_ms: deque[float] = deque(maxlen=4096)
-        self.frames_applied = 0
         self.pacer = pacer or Pacer()
         self._structural = False  # this tick added or removed a layer
         self._closed = False
@@ -170,7 +169,6 @@ class RenderTick(QObject):
             return False
         moved = False
         for update in updates:
-            self.frames_applied += int(getattr(update, "frames", 0) or 0)
             if update.removed:
                 self._remove(update.name)
                 self._structural = True
