@@ -12,6 +12,9 @@ endpoint, its render tick running. A spawned producer process uses the real ``Pu
   so napari re-slices and redraws while it ingests: the honest live case). Both this and the
   raw rate leave out the first lap over the ring's slots (``steady_rate``: a fresh segment's
   first touches, paid once per producer).
+* ``ingest_ratio_<side>``: the median over the interleaved repeats of viewer / raw, each
+  pair measured back to back (``transport.paired_ratio``); ``ingest_median_ratio_<side>`` is
+  the median viewer rate over the median raw rate (the figure until the sixth session).
 * ``raw_fps_<side>``: the raw two-process shared-memory ring limit for the same frames, from
   ``benchmarks/transport.py`` (``run_raw``: no project code), run in this same session, with
   as many slots as the producer's ring (the Publisher's default for the frame size:
@@ -62,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transport import (  # the shared raw-ring baseline
     CACHE_SLOTS,
     default_slots,
+    paired_ratio,
     run_raw,
     steady_rate,
 )
@@ -275,7 +279,8 @@ def main() -> int:
                 out[f"slots_{side}"] = default_slots(side)
                 out[f"ingest_fps_{side}"] = round(f, 1)
                 out[f"raw_fps_{side}"] = round(rf, 1)
-                out[f"ingest_ratio_{side}"] = round(f / rf, 3) if rf else 0.0
+                out[f"ingest_ratio_{side}"] = round(paired_ratio(fps[side], raw[side]), 3)
+                out[f"ingest_median_ratio_{side}"] = round(f / rf, 3) if rf else 0.0
             if raw16:
                 out[f"raw_fps_512_{CACHE_SLOTS}"] = round(_median_of(raw16), 1)
             session.clear()
