@@ -164,11 +164,18 @@ class LayerInfo:
     downsample: int = 1
 
 
-def _check_downsample(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DOWNSAMPLE:
-        raise ValueError(f"{where} must be a whole number from 1 (full resolution) to "
-                         f"{MAX_DOWNSAMPLE}, got {value!r}")
+def _whole(value: object, what: str, lo: int, hi: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) from ``lo`` to ``hi``, else a ValueError
+    whose text says ``what`` it must be."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < lo
+            or (hi is not None and value > hi)):
+        raise ValueError(f"{what}, got {value!r}")
     return value
+
+
+def _check_downsample(value: object, where: str) -> int:
+    return _whole(value, f"{where} must be a whole number from 1 (full resolution) to "
+                         f"{MAX_DOWNSAMPLE}", 1, MAX_DOWNSAMPLE)
 
 
 def _image_axes(ndim: int, rgb: bool) -> tuple[int, int]:
@@ -190,11 +197,8 @@ def _every(step: int, ndim: int, rgb: bool) -> tuple[slice, ...]:
     return tuple(slice(None, None, step) if i in axes else slice(None) for i in range(ndim))
 
 
-def _check_keep_runs(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"keep_runs must be a whole number >= 0 (0: keep every run), "
-                         f"got {value!r}")
-    return value
+def _check_keep_runs(value: object) -> int:
+    return _whole(value, "keep_runs must be a whole number >= 0 (0: keep every run)", 0)
 
 
 def default_max_bytes() -> int:
@@ -593,7 +597,8 @@ class PlateAssembler:
                     if layer is not None and known[1] in layer.slots:
                         region = layer.stack[known[1]]
                         step = layer.group.step
-                        item = _reduced(header.shape, header.rgb, step)
+                        item = header.shape if step == 1 else _reduced(header.shape,
+                                                                        header.rgb, step)
                         if region.shape == item:  # items have not grown since
                             self._handoff = (header, layer, known[1], region, False)
                             return region if step == 1 else self._scratch_for(header)
