@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 
@@ -20,14 +20,20 @@ def _viewer(args: argparse.Namespace) -> int:
     return run_viewer(args.endpoint, title=args.title, keep_runs=args.keep_runs)
 
 
-def _whole_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+def whole_number(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number from ``lo`` (to ``hi``), else a usage error."""
+    span = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default="default",
                    help="endpoint name (default: %(default)s) or address such as tcp://127.0.0.1:5555")
     p.add_argument("--title", default=None, help="window title")
-    p.add_argument("--keep-runs", type=_whole_number, default=None, metavar="N",
+    p.add_argument("--keep-runs", type=whole_number(0), default=None, metavar="N",
                    help="keep only the newest N runs, clearing older ones once they are quiet "
                         "(0: every run; default: the plugin setting)")
     p.set_defaults(func=_viewer)

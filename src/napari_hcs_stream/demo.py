@@ -89,6 +89,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", type=int, default=3, help="sites per well (default: 3)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    from .cli import whole_number
+    from .protocol import MAX_DOWNSAMPLE
+
+    p.add_argument("--downsample", type=whole_number(1, MAX_DOWNSAMPLE), default=None,
+                   metavar="N",
+                   help="show every N-th pixel along each image axis (1 to 64; try 4 with "
+                        "--wells 1536 --size 2048; default: the viewer's own setting)")
     p.add_argument("--stream-wells", default=None,
                    help="which wells to stream: 24, 'A01:B12', 'row:C', 'col:03', ... "
                         "(default: all)")
@@ -102,7 +109,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_pipeline(
     endpoint: str, output: Path, *, persistent: bool = True, well_filter: str | None = None,
-    name: str = "demo",
+    name: str = "demo", downsample: int | None = None,
 ) -> Pipeline:
     """The demo's three steps: a streamed checkpoint, a memory-only step, streamed labels."""
     from .publisher import MaterializationConfig, NapariStreamingConfig, Pipeline, Step
@@ -112,6 +119,7 @@ def build_pipeline(
         persistent=persistent,
         well_filter=well_filter,
         colormaps=COLORMAPS,
+        downsample=downsample,
     )
     steps = [
         Step("illumination", illumination_correct,
@@ -165,7 +173,8 @@ def run_demo(args: argparse.Namespace) -> int:
         plate = SyntheticPlate(n_wells=args.wells, sites=args.sites, channels=CHANNELS,
                                size=args.size)
         compiled = compile_pipeline(build_pipeline(
-            args.endpoint, output, persistent=not args.exit, well_filter=args.stream_wells))
+            args.endpoint, output, persistent=not args.exit, well_filter=args.stream_wells,
+            downsample=args.downsample))
         print(f"napari-hcs-stream demo: run {compiled.run_id}, {args.wells} wells x "
               f"{args.sites} sites x {len(CHANNELS)} channels ({args.size}x{args.size})")
         for plan in compiled.steps:
