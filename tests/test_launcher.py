@@ -142,6 +142,11 @@ def test_viewer_command_keep_runs_reaches_the_widget(endpoint_name: str):
         wait_until(manager.ping, timeout=120, message="the viewer answers")
         state = manager.state()
         assert state["keep_runs"] == 2 and state["runs_dropped"] == 0
+        status = subprocess.run(  # what a person sees, from another terminal
+            [sys.executable, "-m", "napari_hcs_stream", "status", "--endpoint", endpoint_name],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        assert status.returncode == 0, status.stderr
+        assert f"viewer on {endpoint_name!r}" in status.stdout and "keep runs: 2" in status.stdout
     finally:
         manager.stop_viewer(force=True)
         proc.wait(timeout=30)

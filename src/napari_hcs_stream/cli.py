@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 
@@ -52,12 +53,55 @@ def _control(args: argparse.Namespace) -> int:
             print(f"no viewer answers on endpoint {args.endpoint!r}", file=sys.stderr)
             return 1
         reply["state"] = manager.state()
+        if not args.json:
+            print(format_status(reply))
+            return 0
     elif args.command == "clear":
         reply = manager.clear(args.run)
     else:  # stop
         reply = manager.request("shutdown", close=True)
     print(json.dumps(reply, indent=2))
     return 0 if reply.get("ok", False) else 1
+
+
+def format_status(reply: dict[str, Any]) -> str:
+    """A viewer's ping reply with its ``state`` in it, for a person to read."""
+    from .labels import human_bytes
+
+    state = reply.get("state") or {}
+    receiver = state.get("receiver") or {}
+    lines = [f"viewer on {reply.get('endpoint')!r}: napari-hcs-stream {reply.get('version')} "
+             f"(pid {reply.get('pid')}), protocol "
+             f"{'.'.join(map(str, reply.get('protocol') or []))}, "
+             f"{'listening' if reply.get('ready') else 'not ready'}"]
+    if receiver.get("address"):
+        lines.append(f"  data {receiver['address']}  control {receiver.get('control_address')}")
+    layers = state.get("layers") or []
+    keep = state.get("keep_runs") or 0
+    step = state.get("downsample") or 1
+    dropped = state.get("runs_dropped") or 0
+    lines.append(
+        f"  memory {human_bytes(state.get('nbytes', 0))} of "
+        f"{human_bytes(state.get('max_bytes', 0))} in "
+        f"{len(layers)} layers ({state.get('frames', 0)} frames); keep runs: {keep or 'all'}"
+        f"{f' ({dropped} dropped)' if dropped else ''}; new layers at "
+        f"{'full resolution' if step == 1 else f'1/{step}'}")
+    for run in state.get("runs") or []:
+        mine = [la for la in layers if la.get("run") == run]
+        lines.append(f"  run {run}: {len(mine)} layers, "
+                     f"{sum(la.get('frames', 0) for la in mine)} frames")
+    producers = receiver.get("producers") or {}
+    if producers:
+        lines.append(f"  {'producer':<28} {'received':>9} {'dropped':>8} {'torn':>5} "
+                     f"{'rejected':>8} {'held back':>10}")
+        for name, p in producers.items():
+            closed = " (closed)" if p.get("closed") else ""
+            lines.append(f"  {name[:28]:<28} {p.get('received', 0):>9} {p.get('dropped', 0):>8} "
+                         f"{p.get('torn', 0):>5} {p.get('rejected', 0):>8} "
+                         f"{p.get('waited_s', 0.0):>9.1f}s{closed}")
+    if receiver.get("last_error"):
+        lines.append(f"  last error: {receiver['last_error']}")
+    return "\n".join(lines)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -126,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("stop", "ask a viewer to close")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--endpoint", default="default")
+        if name == "status":
+            p.add_argument("--json", action="store_true",
+                           help="print the viewer's whole reply as JSON")
         if name == "clear":
             p.add_argument("--run", default=None, help="run id (default: every run)")
         p.set_defaults(func=_control)

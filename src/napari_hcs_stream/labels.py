@@ -16,6 +16,7 @@ __all__ = [
     "PLATE_FORMATS",
     "channel_display_name",
     "format_labels",
+    "human_bytes",
     "parse_well",
     "plate_format_for",
     "plate_shape",
@@ -157,3 +158,13 @@ def format_labels(pairs: Iterable[tuple[str, object]]) -> str:
         word = _COMPONENT_WORDS.get(component, component.capitalize())
         parts.append(f"{word} {value}" if word else str(value))
     return " | ".join(parts)
+
+
+def human_bytes(n: float) -> str:
+    """``512 B``, ``1.5 MiB``, ``11.8 GiB``: memory as the widget and the status command say it."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 from superqt import QElidingLabel
 
 from ..assembler import DEFAULT_MODES, STACK_AXES, PlateAssembler
+from ..labels import human_bytes
 from . import _settings
 from ._counts import CountsTable
 from ._pacing import Pacer
@@ -413,7 +414,7 @@ class StreamWidget(QWidget):
         layers = len(self._res.render.streamed()) if self._res.render else 0
         dropped = int(state.get("runs_dropped", 0))
         older = f"; {dropped} older run{'s' * (dropped != 1)} dropped" if dropped else ""
-        self.memory_label.setText(f"{_human_bytes(state['nbytes'])} in {layers} layers{older}")
+        self.memory_label.setText(f"{human_bytes(state['nbytes'])} in {layers} layers{older}")
         runs = [str(r) for r in state["runs"]]
         current = [self.run_combo.itemText(i) for i in range(1, self.run_combo.count())]
         if runs != current:
@@ -600,12 +601,3 @@ def _disconnect_all(connections: list[tuple[Any, Callable[..., Any]]]) -> None:
         with contextlib.suppress(RuntimeError, TypeError, ValueError):
             signal.disconnect(slot)
     connections.clear()
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
