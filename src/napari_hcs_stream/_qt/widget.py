@@ -445,10 +445,14 @@ class StreamWidget(QWidget):
         self.plate_label.setToolTip(text)
         self.plate_map.set_current(self._current_well())
 
+    def _target(self) -> tuple[str, Any] | None:
+        """(assembler name, napari layer) of the streamed layer the overlay labels, if any."""
+        overlay = self._res.overlay
+        return overlay.target() if overlay is not None and not self._res.closed else None
+
     def _current_well(self) -> str | None:
         """The well the sliders show, in the layer the overlay labels."""
-        overlay = self._res.overlay
-        target = overlay.target() if overlay is not None and not self._res.closed else None
+        target = self._target()
         if target is None:
             return None
         name, layer = target
@@ -472,8 +476,7 @@ class StreamWidget(QWidget):
 
         The newest frame's well moves every slider to the newest frame, so the sliders
         follow the stream again; any other well moves only the well slider."""
-        overlay = self._res.overlay
-        target = overlay.target() if overlay is not None else None
+        target = self._target()
         index = self._assembler.well_index(well)
         if target is None or index is None:
             return False
@@ -492,8 +495,7 @@ class StreamWidget(QWidget):
     def go_to_newest(self) -> bool:
         """Move every slider to the newest frame shown (of the layer the overlay labels), so
         the sliders follow the stream again; False when no streamed frame is shown yet."""
-        overlay = self._res.overlay
-        target = overlay.target() if overlay is not None and not self._res.closed else None
+        target = self._target()
         if target is None:
             return False
         name, layer = target
