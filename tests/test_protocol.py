@@ -340,7 +340,7 @@ def test_fast_shm_path_decides_as_decode_message(part: bytes, segment: bytes, of
     decoder = HeaderDecoder()
     decoder.decode(published(0), 1)  # the static part is cached
     data = published(seq, tail=_shm_tail(part, segment, offset, nbytes, slot, gen))
-    for _ in range(2 if twice else 1):  # the second time, from the coords/meta cache
+    for _ in range(3 if twice else 1):  # kept the second time, used from the cache the third
         got = _outcome(lambda: decoder.decode(data, 1))
         assert got == _outcome(lambda: decode_message(data, DEFAULT_LIMITS, 1))
 
@@ -349,10 +349,34 @@ def test_fast_shm_path_is_taken_and_meta_is_never_shared() -> None:
     decoder = HeaderDecoder()
     tail = _shm_tail(b'"coords":{"z":4},"meta":{"um":0.65}', b"hcs_123_0123abcd", b"4096",
                      b"524288", b"0", b"2")
-    first, second = (decoder.decode(published(s, tail=tail), 1) for s in (0, 1))
+    # the first header teaches the static part, the second the coords/meta part
+    decoder.decode(published(0, tail=tail), 1)
+    first, second = (decoder.decode(published(s, tail=tail), 1) for s in (1, 2))
     assert isinstance(first, FrameHeader) and isinstance(second, FrameHeader)
     assert len(decoder._parts) == 1 and len(decoder._segments) == 1  # the fast path ran
     assert first.meta == second.meta == {"um": 0.65} and first.meta is not second.meta
     first.meta["um"] = 1.0
-    assert decoder.decode(published(2, tail=tail), 1).meta == {"um": 0.65}
-    assert second.coords == first.coords and second.seq == 1
+    assert decoder.decode(published(3, tail=tail), 1).meta == {"um": 0.65}
+    assert second.coords == first.coords and second.seq == 2
+
+
+def test_a_part_seen_once_is_kept_as_bytes_only() -> None:
+    """Unique coords/meta (a timestamp in meta, each plate position once) leave no parsed
+    objects behind to age into the garbage collector's oldest generation."""
+    decoder = HeaderDecoder()
+
+    def tail(t0: float) -> bytes:
+        return _shm_tail(b'"coords":{"z":4},"meta":{"t0":%r}' % t0, b"hcs_123_0123abcd",
+                         b"4096", b"524288", b"0", b"2")
+
+    for seq in range(100):
+        got = decoder.decode(published(seq, tail=tail(seq / 7)), 1)
+        assert isinstance(got, FrameHeader) and got.meta == {"t0": seq / 7}
+    assert not decoder._parts and len(decoder._seen_once) == 99  # the first: decoded in full
+    assert all(type(part) is bytes for part in decoder._seen_once)
+    again = decoder.decode(published(100, tail=tail(3 / 7)), 1)
+    assert isinstance(again, FrameHeader) and again.meta == {"t0": 3 / 7}
+    assert len(decoder._parts) == 1  # seen twice: kept
+    for seq in range(4 * decoder.max_entries):  # bounded
+        decoder.decode(published(seq, tail=tail(1000 + seq)), 1)
+    assert len(decoder._seen_once) <= 4 * decoder.max_entries

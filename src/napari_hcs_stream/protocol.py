@@ -474,6 +474,8 @@ class HeaderDecoder:
         #: ``"coords":...,"meta":...`` bytes -> validated (coords, meta), or None when that
         #: part cannot be reused (meta holding containers, other members): see _fast_shm
         self._parts: dict[bytes, tuple[Coords, dict[str, Any]] | None] = {}
+        #: parts seen once: only a part seen again is kept in ``_parts`` (see _fast_shm)
+        self._seen_once: set[bytes] = set()
         self._segments: dict[bytes, str] = {}
 
     def decode(self, frame0: bytes, nframes: int | None = None) -> FrameHeader | Bye:
@@ -540,19 +542,32 @@ class HeaderDecoder:
                   seq: int) -> FrameHeader | None:
         """The commonest header of all: a shared-memory frame whose coords and meta repeat.
 
-        ``part`` is ``"coords":...,"meta":...``; it is parsed and validated once per distinct
-        byte string and reused (coords are frozen; meta is only reused when it holds scalars,
-        and each header gets its own copy). The pixels member, matched exactly, gets every
-        check :func:`_pixels` makes. None: anything else (the general path decides).
+        ``part`` is ``"coords":...,"meta":...``; once the same byte string comes a second time
+        it is kept, validated, and reused (coords are frozen; meta is only reused when it holds
+        scalars, and each header gets its own copy). The pixels member, matched exactly, gets
+        every check :func:`_pixels` makes. None: anything else (the general path decides).
+
+        A part seen once is remembered as bytes only. Most parts never repeat (each plate
+        position comes once per run; a timestamp in meta makes every header unique), and
+        keeping their parsed objects would carry thousands of them a second past the young
+        garbage collections into the oldest generation, whose full collection then stalls
+        napari's main thread (about 140 ms with napari's own objects, measured). Bytes are
+        not tracked by the garbage collector.
         """
         parts = self._parts
         if part in parts:
             cached = parts[part]
         else:
             cached = self._learn_part(part)
-            if len(parts) >= 4 * self.max_entries:
-                parts.clear()
-            parts[part] = cached
+            seen = self._seen_once
+            if part in seen:
+                if len(parts) >= 4 * self.max_entries:
+                    parts.clear()
+                parts[part] = cached
+            else:
+                if len(seen) >= 4 * self.max_entries:
+                    seen.clear()
+                seen.add(part)
         if cached is None:
             return None
         segment_b, offset_b, size_b, slot_b, gen_b = m.groups()
