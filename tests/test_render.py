@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -161,25 +164,36 @@ def test_pacer_spends_a_bounded_share_of_the_main_thread():
 
 
 def test_timer_follows_the_listener_load_between_ticks(viewer, assembler):
-    """The interval moves with the listener's load even when the tick's cost does not."""
+    """The next tick starts the pacer's interval after this one started, and the interval
+    moves with the listener's load even when the tick's cost does not."""
     from napari_hcs_stream._qt._pacing import Pacer
 
     load = {"v": 0.0}
-    render = RenderTick(viewer, assembler, pacer=Pacer(load=lambda: load["v"]))
+    render = RenderTick(viewer, assembler, pacer=Pacer(duty=0.5, load=lambda: load["v"]))
+
+    def next_tick_after(step: Callable[[], None]) -> tuple[int, int]:
+        """(timer interval, what the tick itself took): they add up to the pacer's ask."""
+        start = time.perf_counter()
+        step()
+        return render._timer.interval(), int((time.perf_counter() - start) * 1e3)
+
     try:
         render.start()
         assert render._timer.interval() == 33
-        render.tick()  # nothing to apply: the interval stays the fastest
-        assert render._timer.interval() == 33
+        wait, spent = next_tick_after(render.tick)  # nothing to apply: the fastest
+        assert 33 - spent - 1 <= wait <= 33
         put(assembler, plane(1), well="A01")
         render.tick()
         render.pacer.cost_ms = 100.0  # pretend ticks cost 100 ms
         load["v"] = 0.95  # the listener is saturated: redraw as rarely as the max wait allows
-        render.tick()  # nothing new to apply (the interval it asks for is the max either way)
-        assert render._timer.interval() == render.pacer.interval_ms == 250
+        wait, spent = next_tick_after(render.tick)  # the interval asked is the max either way
+        assert render.pacer.interval_ms == 250 and 250 - spent - 1 <= wait <= 250
         load["v"] = 0.0
-        render.tick()
-        assert render._timer.interval() == render.pacer.interval_ms == 50
+        wait, spent = next_tick_after(render.tick)
+        assert render.pacer.interval_ms == 50 and 50 - spent - 1 <= wait <= 50
+        render.stop()
+        render.tick()  # a stopped timer is not restarted by a tick
+        assert not render.active
     finally:
         render.close()
 

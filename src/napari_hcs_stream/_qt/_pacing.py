@@ -3,11 +3,12 @@
 Refreshing napari costs main-thread time (slicing, texture upload, drawing: tens of
 milliseconds for a 2048x2048 plane in software OpenGL) and, through the GIL, slows the
 listener thread that copies frames in. So the tick spends at most about ``duty`` of the main
-thread: after a tick that changed something, the next one waits ``cost / duty``, within
-``[min_ms, max_ms]``. Updates that arrive meanwhile are coalesced by the assembler, nothing is
-lost, and ``max_ms`` bounds how long a continuously fed layer waits to be redrawn. When the
-listener is saturated (producers send faster than it takes frames in) the duty drops, since the
-main thread's napari work competes with it for the GIL. Plain Python.
+thread: after a tick that changed something, the next one starts ``cost / duty`` after it
+started, within ``[min_ms, max_ms]``. Updates that arrive meanwhile are coalesced by the
+assembler, nothing is lost, and ``max_ms`` bounds how long a continuously fed layer waits to
+be redrawn. When the listener is saturated (producers send faster than it takes frames in)
+the duty drops, since the main thread's napari work competes with it for the GIL. Plain
+Python.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ MIN_MS = 33
 MAX_MS = 250
 #: share of the main thread the tick may take while frames stream in (the redraw that
 #: follows costs about as much again), and while the listener cannot keep up.
-DUTY = 0.5
+DUTY = 0.4
 SATURATED_DUTY = 0.1
 #: listener load (share of its time spent receiving) from which it counts as saturated.
 SATURATED = 0.85

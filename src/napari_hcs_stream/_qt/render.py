@@ -148,20 +148,21 @@ class RenderTick(QObject):
             self.tick_ms.append(cost)
             if not self._structural:  # adding a layer is a one-off, not the streaming cost
                 self.steady_tick_ms.append(cost)
-                self._pace(lambda: self.pacer.record(cost))
+                self._pace(lambda: self.pacer.record(cost), start)
             self.applied.emit()
         else:
-            self._pace(self.pacer.idle)
+            self._pace(self.pacer.idle, start)
 
-    def _pace(self, update: Callable[[], None]) -> None:
-        """Let the pacer learn from this tick, then run the timer at the interval it asks for
-        now (which also moves with the listener's load between ticks)."""
+    def _pace(self, update: Callable[[], None], start: float) -> None:
+        """Let the pacer learn from this tick, then start the next one the interval it asks for
+        now (which also moves with the listener's load) after this one *started*: ticks run
+        at the pacer's rate, not at that rate slowed by their own cost."""
         if self._closed:
             return
         update()
-        interval = self.pacer.interval_ms
-        if interval != self._timer.interval() and self._timer.isActive():
-            self._timer.setInterval(interval)
+        if self._timer.isActive():
+            spent = int((time.perf_counter() - start) * 1e3)
+            self._timer.start(max(1, self.pacer.interval_ms - spent))
 
     def _apply_all(self, updates: Sequence[Any]) -> bool:
         self._structural = False
