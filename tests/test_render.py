@@ -219,3 +219,14 @@ def test_a_time_lapse_stack_laid_out_time_first_shows_the_right_planes(viewer, a
             viewer.dims.current_step = tuple(step)
             shown = np.asarray(layer._slice.image.view)
             assert shown.shape == big and (shown == 10 * t + w + 1).all()
+
+
+def test_close_survives_qt_having_deleted_the_timer(viewer, assembler):
+    """At interpreter exit Qt may delete the timer before our teardown runs."""
+    from qtpy import sip
+
+    render = RenderTick(viewer, assembler)
+    render.start()
+    sip.delete(render._timer)
+    render.close()  # no "wrapped C/C++ object has been deleted"
+    render.tick()  # a late tick is a no-op, not an error

@@ -103,8 +103,8 @@ class RenderTick(QObject):
     def close(self) -> None:
         """Stop ticking and disconnect everything (layers stay in the viewer for the user)."""
         self._closed = True
-        self._timer.stop()
-        with contextlib.suppress(RuntimeError, TypeError):
+        with contextlib.suppress(RuntimeError, TypeError):  # RuntimeError: Qt already deleted it
+            self._timer.stop()
             self._timer.timeout.disconnect(self.tick)
         for signal, slot in self._connections:
             with contextlib.suppress(RuntimeError, TypeError, ValueError):
