@@ -124,6 +124,34 @@ def test_plate_from_two_producer_processes(docked, qtbot, runtime_dir):
     assert {"prod-a", "prod-b"} <= set(widget.counts.rows)
     assert all("held back" in widget.counts.rows[p] for p in ("prod-a", "prod-b", "total"))
 
+    # the plate overview: every well where it sits on the (inferred 24-well) plate
+    from napari_hcs_stream.labels import parse_well
+    from napari_hcs_stream.overview import tiling
+
+    widget.overview_button.click()
+    assert widget.overview_button.isChecked()
+    shown = widget._res.overview.layers()
+    assert sorted(layer.name for layer in shown.values()) == sorted(f"{n} overview"
+                                                                    for n in names)
+    assert not any(layer_named(viewer, n).visible for n in names)
+    assert widget.overlay.text == "Plate overview | Site 2 | GFP"
+    layout = tiling(4, 6, (64, 64))
+    for name, layer in shown.items():
+        channel = name.split(" · ")[0]
+        for well in (w for wells in PLAN.values() for w in wells):
+            y, x = layout.origin(*parse_well(well))
+            assert int(layer.data[y + 32, x + 32]) == value_of(well, 2, channel)
+        y, x = layout.origin(*parse_well("D01"))
+        assert int(layer.data[y + 32, x + 32]) == 0  # no frames there
+    QApplication.processEvents()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot[..., :3].max() > 0
+    assert widget.open_well("B03")  # as a double-click on it does
+    assert not widget.overview_button.isChecked() and not widget._res.overview.layers()
+    assert all(layer_named(viewer, n).visible for n in names)
+    assert viewer.dims.current_step[0] == assembler.well_index("B03")
+    assert widget.overlay.text.startswith("Well B03 | Site 2")
+
 
 def test_user_contrast_survives_later_frames(docked, qtbot, runtime_dir):
     viewer, widget = docked()

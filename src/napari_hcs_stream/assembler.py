@@ -881,6 +881,17 @@ class PlateAssembler:
                 for layer in self._layers.values()
             ]
 
+    def view(self, layer_name: str) -> np.ndarray | None:
+        """The layer's stack as it is now, cut to the used extent (``None``: no such layer).
+
+        For readers on another thread than the listener's (the plate overview): every frame
+        committed so far is in it, including those committed after the last
+        :meth:`take_updates`, whose announced data may be an older, smaller stack.
+        """
+        with self._lock:
+            layer = self._by_name.get(layer_name)
+            return None if layer is None else layer.trimmed()
+
     def state(self) -> dict[str, Any]:
         """JSON-able summary for the control ``state`` command."""
         infos = self.layers()
@@ -953,12 +964,14 @@ class PlateAssembler:
                 log.info("dropped run %r (%d layers): keeping the newest %d run(s)",
                          run, dropped, keep)
 
-    def label_text(self, layer_name: str, stack_step: tuple[int, ...]) -> str:
+    def label_text(self, layer_name: str, stack_step: tuple[int, ...],
+                   skip: tuple[str, ...] = ()) -> str:
         """Overlay text for a layer at the given stack indices: ``Well B03 | Site 2 | DAPI``.
 
         ``stack_step`` holds the layer's own indices for ``STACK_AXES`` (longer tuples are
         cut). Site, z and t appear only when the layer has them (z and t: more than one);
-        an index past the known values leaves that component out. ``""`` for unknown layers.
+        an index past the known values leaves that component out, and so does ``skip``
+        (the plate overview shows every well). ``""`` for unknown layers.
         """
         with self._lock:
             layer = self._by_name.get(layer_name)
@@ -966,7 +979,8 @@ class PlateAssembler:
                 return ""
             pairs = [(component, layer.group.channel_name(value) if component == "channel"
                       and value is not None else value)
-                     for component, value in self._shown(layer, stack_step)]
+                     for component, value in self._shown(layer, stack_step)
+                     if component not in skip]
         return format_labels(pairs)
 
     def well_at(self, layer_name: str, stack_step: tuple[int, ...]) -> str | None:

@@ -29,7 +29,21 @@ STACK_NDIM = 5
 class LabelSource(Protocol):
     """What the overlay needs from the assembler (kept narrow so tests can use a stand-in)."""
 
-    def label_text(self, layer_name: str, stack_step: tuple[int, ...]) -> str: ...
+    def label_text(self, layer_name: str, stack_step: tuple[int, ...],
+                   skip: tuple[str, ...] = ()) -> str: ...
+
+
+class OverviewState(Protocol):
+    """What the overlay needs from the plate overview."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def source_of(self, layer: Any) -> str | None: ...
+
+
+#: the overlay's words for the plate overview (every well, so no well in the text)
+OVERVIEW_TEXT = "Plate overview"
 
 
 class _OwnTextOverlay:
@@ -101,7 +115,9 @@ class DimsLabelOverlay:
 
     ``streamed`` returns the streamed layers currently in the viewer, as ``{assembler layer
     name: napari layer}`` in stacking order (bottom first): the overlay labels the active layer
-    when it is one of them, else the top-most visible one.
+    when it is one of them, else the top-most visible one. While the plate ``overview`` is on,
+    the text leaves the well out (``Plate overview | Site 2 | DAPI``), and an active overview
+    layer stands for the streamed layer it shows.
     """
 
     def __init__(
@@ -109,10 +125,12 @@ class DimsLabelOverlay:
         viewer: Any,
         labels: LabelSource,
         streamed: Callable[[], Mapping[str, Any]],
+        overview: OverviewState | None = None,
     ) -> None:
         self._viewer = viewer
         self._labels = labels
         self._streamed = streamed
+        self._overview = overview
         self._backend = _make_backend(viewer)
         self._connections: list[tuple[Any, Callable[..., Any]]] = [
             (viewer.dims.events.current_step, self._on_change),
@@ -136,6 +154,9 @@ class DimsLabelOverlay:
             for name, layer in layers.items():
                 if layer.unique_id == active.unique_id:
                     return name, layer
+            source = self._overview.source_of(active) if self._overview is not None else None
+            if source is not None and source in layers:
+                return source, layers[source]
         for name, layer in reversed(list(layers.items())):
             if layer.visible:
                 return name, layer
@@ -150,8 +171,13 @@ class DimsLabelOverlay:
             return
         name, layer = target
         step = stack_step(self._viewer.dims.current_step, layer.ndim)
+        overview = self._overview is not None and self._overview.active
         try:
-            self.text = self._labels.label_text(name, step)
+            if overview:
+                rest = self._labels.label_text(name, step, skip=("well",))
+                self.text = " | ".join(filter(None, (OVERVIEW_TEXT, rest)))
+            else:
+                self.text = self._labels.label_text(name, step)
         except (KeyError, IndexError, ValueError) as exc:  # layer cleared under our feet
             log.debug("no label for %s at %s: %s", name, step, exc)
             self.text = ""

@@ -41,6 +41,7 @@ from ..assembler import DEFAULT_MODES, STACK_AXES, PlateAssembler
 from ..labels import human_bytes
 from . import _settings
 from ._counts import CountsTable
+from ._overview import PlateOverview
 from ._pacing import Pacer
 from ._platemap import PlateMapView
 from .listener import CommitCounter, ListenerThread
@@ -71,6 +72,7 @@ class _Resources:
         self.listener: ListenerThread | None = None
         self.render: RenderTick | None = None
         self.overlay: DimsLabelOverlay | None = None
+        self.overview: PlateOverview | None = None
         self.connections: list[tuple[Any, Callable[..., Any]]] = []
         self.listener_connections: list[tuple[Any, Callable[..., Any]]] = []
         self.closed = False
@@ -96,6 +98,8 @@ class _Resources:
         self.closed = True
         self.stop_listener()
         _disconnect_all(self.connections)
+        if self.overview is not None:  # its layers go, the streamed layers it hid come back
+            self.overview.close()
         if self.overlay is not None:
             self.overlay.close()
         if self.render is not None:
@@ -134,10 +138,14 @@ class StreamWidget(QWidget):
 
         self._res.render = RenderTick(napari_viewer, self._assembler, generation=self._counter.get,
                                       pacer=Pacer(load=self._counter.get_load))
+        self._res.overview = PlateOverview(napari_viewer, self._assembler,
+                                           self._res.render.streamed, open_well=self.open_well)
         self._res.overlay = DimsLabelOverlay(napari_viewer, self._assembler,
-                                             self._res.render.streamed)
+                                             self._res.render.streamed, self._res.overview)
         self._res.connect(self._res.render.applied, self._res.overlay.update)
         self._res.connect(self._res.render.applied, self._on_rendered)
+        self._res.connect(self._res.render.applied, self._res.overview.schedule)
+        self._res.connect(self._res.overview.toggled, self._on_overview_toggled)
         for signal in (napari_viewer.dims.events.current_step,
                        napari_viewer.layers.selection.events.active):
             self._res.connect(signal, self._show_current_well)
@@ -308,10 +316,19 @@ class StreamWidget(QWidget):
         self.plate_box = QGroupBox("Plate")
         self.plate_label = QElidingLabel("")
         self.plate_map = PlateMapView()
-        self.plate_map.well_clicked.connect(self.show_well)
+        self.plate_map.well_clicked.connect(self.open_well)
+        self.overview_button = QPushButton("Plate overview")
+        self.overview_button.setCheckable(True)
+        self.overview_button.setToolTip(
+            "Every well side by side, laid out as on the plate, at the site, z and time the "
+            "sliders show (each streamed layer gets an overview layer, shown instead of it). "
+            "Double-click a well, or click it in the map, to open it."
+        )
+        self.overview_button.clicked.connect(self.show_overview)
         plate_layout = QVBoxLayout(self.plate_box)
         plate_layout.addWidget(self.plate_label)
         plate_layout.addWidget(self.plate_map)
+        plate_layout.addWidget(self.overview_button)
         self.plate_box.setVisible(False)  # until a frame names a well
 
         self.run_combo = QComboBox()
@@ -491,6 +508,31 @@ class StreamWidget(QWidget):
             dims.set_current_step(well_axis, index)
             return True
         return self.go_to_newest()
+
+    def open_well(self, well: str) -> bool:
+        """Leave the plate overview if it is on, and show ``well`` (see :meth:`show_well`)."""
+        self.show_overview(False)
+        return self.show_well(well)
+
+    def show_overview(self, on: bool = True) -> bool:
+        """Show every well side by side as on the plate (True), or go back to the streamed
+        layers; False when there is no plate to lay out (no streamed layer stacks wells of a
+        plate on a slider), with the reason in the widget."""
+        overview = self._res.overview
+        if overview is None or self._res.closed:
+            return False
+        shown = overview.set_active(bool(on))
+        if not shown:
+            self.show_error("No plate to show: no streamed layer has wells of a plate on a "
+                            "slider yet (wells shown as separate layers have none).")
+        self._on_overview_toggled(overview.active)
+        return shown
+
+    def _on_overview_toggled(self, on: bool) -> None:
+        with QSignalBlocker(self.overview_button):
+            self.overview_button.setChecked(on)
+        if self._res.overlay is not None and not self._res.closed:
+            self._res.overlay.update()
 
     def go_to_newest(self) -> bool:
         """Move every slider to the newest frame shown (of the layer the overlay labels), so

@@ -1,0 +1,320 @@
+"""The plate overview in napari: one mosaic layer per streamed layer, shown instead of it.
+
+While the overview is on, every streamed layer that stacks wells on a slider gets a 2D layer
+named ``"<layer> overview"`` holding all its wells on the plate's rows and columns (see
+:mod:`napari_hcs_stream.overview`), at the site, channel, z and t the sliders show. The
+streamed layers are hidden meanwhile (their visibility comes back when the overview ends), and
+each overview layer is linked to its streamed layer (contrast, colormap, gamma, opacity,
+blending: an edit on one is an edit on both). Double-clicking a well leaves the overview at that
+well.
+
+The mosaics are rebuilt on the main thread from the assembler's current stacks: at most twice a
+second while frames arrive, and right after a slider moves. Only wells that received a frame
+since their tile was drawn are copied again (all of them after a slider move), so the cost
+follows what arrives, not the plate's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from ..overview import Tiling, fill_tiles, tiling
+from .overlay import STACK_NDIM
+
+log = logging.getLogger(__name__)
+
+#: while frames arrive, the mosaics are rebuilt at most this often (ms).
+REFRESH_MS = 500
+#: after a slider move (ms): soon, but once for a burst of moves.
+SLIDER_MS = 30
+#: an overview layer's name is its streamed layer's name and this.
+SUFFIX = " overview"
+#: what an overview layer shares with its streamed layer (``napari.experimental.link_layers``)
+_LINKED = {"image": ("contrast_limits", "colormap", "gamma", "opacity", "blending"),
+           "labels": ("opacity", "blending")}
+
+
+@dataclass
+class _Entry:
+    """One streamed layer's overview."""
+
+    source: Any
+    layer: Any
+    layout: Tiling
+    rest: tuple[int, ...]
+    #: (row, col) -> well name as sent, for a double-click
+    names: dict[tuple[int, int], str] = field(default_factory=dict)
+    #: (row, col) -> the well's ``last_seen`` when its tile was drawn
+    drawn: dict[tuple[int, int], float] = field(default_factory=dict)
+    linked: tuple[str, ...] = ()
+
+
+class PlateOverview(QObject):
+    """Turns the plate overview on and off and keeps its layers in step with the stream.
+
+    ``streamed`` returns the streamed layers as ``{assembler layer name: napari layer}``;
+    ``open_well`` is called with a well's name when the user double-clicks it.
+    """
+
+    #: the overview was turned on (True) or off (False), by the user or by us
+    toggled = Signal(bool)
+
+    def __init__(self, viewer: Any, assembler: Any, streamed: Callable[[], Mapping[str, Any]],
+                 open_well: Callable[[str], object] = lambda _well: None) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self._assembler = assembler
+        self._streamed = streamed
+        self._open_well = open_well
+        self._entries: dict[str, _Entry] = {}
+        #: streamed layers we hid: name -> (napari layer, its visibility before)
+        self._hidden: dict[str, tuple[Any, bool]] = {}
+        #: overview layers the user deleted: not brought back until the overview restarts
+        self._dismissed: set[str] = set()
+        self._removing = False
+        self._active = False
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self.refresh)
+        self._connections: list[tuple[Any, Callable[..., Any]]] = [
+            (viewer.dims.events.current_step, self._on_slider),
+            (viewer.layers.events.removed, self._on_layer_removed),
+        ]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+
+    # -- what the widget and the overlay use -----------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def layers(self) -> dict[str, Any]:
+        """``{assembler layer name: overview layer}`` shown now."""
+        return {name: entry.layer for name, entry in self._entries.items()}
+
+    def source_of(self, layer: Any) -> str | None:
+        """The assembler name of the streamed layer an overview layer shows, else ``None``."""
+        for name, entry in self._entries.items():
+            if _same(entry.layer, layer):
+                return name
+        return None
+
+    def set_active(self, on: bool) -> bool:
+        """Show the overview (True) or end it; False if no streamed layer stacks wells of a
+        plate on a slider, so there is nothing to lay out (the overview stays off)."""
+        if on == self._active:
+            return True
+        if on:
+            self._active = True
+            self.refresh()
+            if not self._entries:
+                self._active = False
+                self._restore_hidden()
+                return False
+        else:
+            self._active = False
+            self._timer.stop()
+            for name in list(self._entries):
+                self._drop(name)
+            self._restore_hidden()
+            self._dismissed.clear()
+        with contextlib.suppress(Exception):  # an empty or closing viewer has nothing to fit
+            self._viewer.reset_view()
+        self.toggled.emit(self._active)
+        return True
+
+    def schedule(self, delay_ms: int = REFRESH_MS) -> None:
+        """Rebuild within ``delay_ms`` (several requests meanwhile: one rebuild)."""
+        if not self._active:
+            return
+        if not self._timer.isActive() or self._timer.remainingTime() > delay_ms:
+            self._timer.start(delay_ms)
+
+    def close(self) -> None:
+        """End the overview (its layers go, hidden layers come back) and disconnect."""
+        with contextlib.suppress(RuntimeError):
+            self._timer.stop()
+        with contextlib.suppress(RuntimeError, ValueError, KeyError):
+            self.set_active(False)
+        for signal, slot in self._connections:
+            with contextlib.suppress(RuntimeError, TypeError, ValueError):
+                signal.disconnect(slot)
+        self._connections.clear()
+
+    # -- building ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Bring every overview layer up to date now; never raises into the Qt event loop."""
+        if not self._active:
+            return
+        streamed = dict(self._streamed())
+        for name in list(self._entries):
+            if name not in streamed:  # its run was cleared
+                self._drop(name)
+        plates: dict[Any, Any] = {}
+        for name, source in streamed.items():
+            if name in self._dismissed:
+                continue
+            try:
+                self._refresh_one(name, source, plates)
+            except Exception:
+                log.exception("the plate overview of %s failed", name)
+
+    def _refresh_one(self, name: str, source: Any, plates: dict[Any, Any]) -> None:
+        run = (getattr(source, "metadata", None) or {}).get("hcs_stream", {}).get("run")
+        if run not in plates:
+            plates[run] = self._assembler.plate_map(run)
+        plate = plates[run]
+        stack = self._assembler.view(name)
+        if plate is None or not plate.rows or stack is None:
+            return
+        cells = {pos: status for pos, status in plate.cells.items() if status.index is not None}
+        rgb = bool(getattr(source, "rgb", False))
+        image_ndim = 3 if rgb else 2
+        if not cells or stack.ndim < STACK_NDIM + 2:
+            return
+        layout = tiling(plate.rows, plate.cols, stack.shape[stack.ndim - image_ndim:][:2])
+        # the slider positions of the axes between the well axis and the plane (site,
+        # channel, t, z, ...); napari aligns layers on their trailing axes, and an RGB
+        # layer's colour axis is not a slider
+        dims = self._viewer.dims
+        offset = max(0, dims.ndim - source.ndim)
+        rest = tuple(int(i) for i in dims.current_step[offset + 1:offset + source.ndim - 2])
+        shape = layout.shape + stack.shape[stack.ndim - 1:] if rgb else layout.shape
+        entry = self._entries.get(name)
+        fresh = (entry is None or entry.layout != layout or entry.layer.data.shape != shape
+                 or entry.layer.data.dtype != stack.dtype)
+        data = np.zeros(shape, stack.dtype) if fresh or entry is None else entry.layer.data
+        drawn = {} if fresh or entry is None or entry.rest != rest else entry.drawn
+        todo = {pos: status.index for pos, status in cells.items()
+                if drawn.get(pos) != status.last_seen}
+        written = fill_tiles(data, layout, stack, todo, rest)
+        for pos in todo:  # a well past this stack's extent is drawn next time
+            if cells[pos].index < stack.shape[0]:
+                drawn[pos] = cells[pos].last_seen
+        if entry is None:
+            entry = self._add(name, source, data, layout, rest)
+        elif fresh:
+            entry.layer.data = data
+            entry.layer.scale = _scale(source, layout.step, rgb)
+        elif written:
+            entry.layer.refresh()
+        entry.layout, entry.rest, entry.drawn = layout, rest, drawn
+        entry.names = {pos: status.name for pos, status in cells.items()}
+
+    def _add(self, name: str, source: Any, data: np.ndarray, layout: Tiling,
+             rest: tuple[int, ...]) -> _Entry:
+        kind = "labels" if _is_labels(source) else "image"
+        common: dict[str, Any] = {
+            "name": f"{source.name}{SUFFIX}",
+            "scale": _scale(source, layout.step, bool(getattr(source, "rgb", False))),
+            "opacity": source.opacity,
+            "blending": source.blending,
+            "metadata": {"hcs_stream_overview": name},
+        }
+        if kind == "labels":
+            layer = self._viewer.add_labels(data, **common)
+        else:
+            layer = self._viewer.add_image(
+                data, rgb=bool(source.rgb), colormap=source.colormap,
+                contrast_limits=tuple(source.contrast_limits), gamma=source.gamma, **common)
+        entry = _Entry(source, layer, layout, rest)
+        if name not in self._hidden:
+            self._hidden[name] = (source, bool(source.visible))
+        source.visible = False
+        linked = _LINKED[kind]
+        try:
+            from napari.experimental import link_layers
+
+            link_layers([source, layer], linked)
+            entry.linked = linked
+        except Exception:  # an older napari: the overview still shows, unlinked
+            log.debug("cannot link %s to its overview", source.name, exc_info=True)
+        layer.mouse_double_click_callbacks.append(self._double_click(name))
+        self._entries[name] = entry
+        return entry
+
+    def _double_click(self, name: str) -> Callable[[Any, Any], None]:
+        def open_well(layer: Any, event: Any) -> None:
+            entry = self._entries.get(name)
+            if entry is None:
+                return
+            y, x = (float(v) for v in layer.world_to_data(event.position)[-2:])
+            cell = entry.layout.cell_at(y, x)
+            well = entry.names.get(cell) if cell is not None else None
+            if well is not None:
+                self._open_well(well)
+
+        return open_well
+
+    # -- taking it down ----------------------------------------------------------------------------
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        _unlink(entry)
+        self._removing = True
+        try:
+            with contextlib.suppress(ValueError, KeyError):
+                self._viewer.layers.remove(entry.layer)
+        finally:
+            self._removing = False
+
+    def _restore_hidden(self) -> None:
+        present = {layer.unique_id for layer in self._viewer.layers}
+        for source, was_visible in self._hidden.values():
+            if source.unique_id in present and was_visible and not source.visible:
+                source.visible = True
+        self._hidden.clear()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        """A streamed layer went (its run was cleared): its overview goes with it. The user
+        deleted an overview layer: let it go for as long as the overview is on."""
+        if self._removing:
+            return
+        removed = getattr(event, "value", None)
+        for name, entry in list(self._entries.items()):
+            if _same(entry.source, removed):
+                self._drop(name)
+                self._hidden.pop(name, None)
+            elif _same(entry.layer, removed):
+                _unlink(entry)
+                del self._entries[name]
+                self._dismissed.add(name)
+
+    def _on_slider(self, _event: object = None) -> None:
+        self.schedule(SLIDER_MS)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same napari layer (compared by id: napari may hand out proxies of layers)."""
+    return a is not None and b is not None and a.unique_id == b.unique_id
+
+
+def _is_labels(layer: Any) -> bool:
+    from napari.layers import Labels
+
+    return isinstance(layer, Labels)
+
+
+def _scale(source: Any, step: int, rgb: bool) -> tuple[float, float]:
+    """An overview pixel covers ``step`` pixels of the streamed layer's plane (in its own
+    scale, which is above 1 when the layer itself was downsampled)."""
+    scale = tuple(float(s) for s in source.scale)
+    return scale[-2] * step, scale[-1] * step
+
+
+def _unlink(entry: _Entry) -> None:
+    if not entry.linked:
+        return
+    with contextlib.suppress(Exception):
+        from napari.experimental import unlink_layers
+
+        unlink_layers([entry.source, entry.layer], entry.linked)
+    entry.linked = ()
