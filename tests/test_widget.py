@@ -134,7 +134,8 @@ def test_plate_from_two_producer_processes(docked, qtbot, runtime_dir):
     assert sorted(layer.name for layer in shown.values()) == sorted(f"{n} overview"
                                                                     for n in names)
     assert not any(layer_named(viewer, n).visible for n in names)
-    assert widget.overlay.text == "Plate overview | Site 2 | GFP"
+    active = viewer.layers.selection.active  # the overview layer added last
+    assert widget.overlay.text == f"Plate overview | Site 2 | {active.name.split(' · ')[0]}"
     layout = tiling(4, 6, (64, 64))
     for name, layer in shown.items():
         channel = name.split(" · ")[0]
