@@ -43,7 +43,7 @@ else:
 import napari_hcs_stream
 import napari_hcs_stream.publisher
 from napari_hcs_stream import auth, control, endpoints, protocol, receiver, ring  # noqa: F401
-from napari_hcs_stream import assembler, labels, platemap  # noqa: F401
+from napari_hcs_stream import assembler, labels, overview, platemap  # noqa: F401
 from napari_hcs_stream.publisher import Publisher
 from napari_hcs_stream.receiver import Receiver
 

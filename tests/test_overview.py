@@ -29,6 +29,7 @@ def test_tiling_is_the_finest_that_fits(rows, cols, side, step, tile):
     layout = tiling(rows, cols, (side, side))
     assert (layout.step, layout.tile) == (step, tile)
     assert max(layout.shape) <= MAX_SIDE
+    assert layout.gap == max(2, -(-max(tile) // 32))  # visible when the plate fits the canvas
     if step > 1:  # one step finer would not fit
         finer = Tiling(rows, cols, step - 1, (-(-side // (step - 1)),) * 2)
         assert max(finer.shape) > MAX_SIDE
@@ -88,7 +89,7 @@ def test_fill_tiles_rgb_and_bad_rest():
     stack = np.zeros((1, 1, 1, 1, 1, 4, 4, 3), np.uint8)
     stack[0, 0, 0, 0, 0, :, :, 1] = 9
     layout = Tiling(rows=1, cols=2, step=1, tile=(4, 4), gap=2)
-    out = np.zeros(layout.shape + (3,), np.uint8)
+    out = np.zeros((*layout.shape, 3), np.uint8)
     assert fill_tiles(out, layout, stack, {(0, 1): 0}, (0, 0, 0, 0)) == 1
     assert (out[:, 6:, 1] == 9).all() and (out[:, 6:, 0] == 0).all() and (out[:, :6] == 0).all()
     with pytest.raises(ValueError, match="does not fit"):

@@ -22,8 +22,10 @@ __all__ = ["GAP", "MAX_SIDE", "Tiling", "fill_tiles", "tiling"]
 
 #: the mosaic's longer side stays within this many pixels (a 2D texture every OpenGL has).
 MAX_SIDE = 4096
-#: blank pixels between two wells' tiles.
+#: blank pixels between two wells' tiles: at least this, and a 32nd of a tile, so the gaps
+#: stay visible when the whole plate fits the canvas.
 GAP = 2
+GAP_FRACTION = 32
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class Tiling:
 
 def tiling(rows: int, cols: int, plane: tuple[int, int], max_side: int = MAX_SIDE,
            gap: int = GAP) -> Tiling:
-    """The finest sampling of ``plane`` (height, width) whose mosaic fits in ``max_side``."""
+    """The finest sampling of ``plane`` (height, width) whose mosaic fits in ``max_side``;
+    tiles are at least ``gap`` pixels apart, and a 32nd of a tile's longer side."""
     if rows < 1 or cols < 1:
         raise ValueError(f"a plate has at least one row and one column, got {rows} x {cols}")
     height, width = (int(n) for n in plane)
@@ -75,7 +78,7 @@ def tiling(rows: int, cols: int, plane: tuple[int, int], max_side: int = MAX_SID
     step = max(1, math.ceil(max(rows * height, cols * width) / max_side))
     while True:
         tile = (-(-height // step), -(-width // step))
-        found = Tiling(rows, cols, step, tile, gap)
+        found = Tiling(rows, cols, step, tile, max(gap, -(-max(tile) // GAP_FRACTION)))
         if max(found.shape) <= max_side:
             return found
         step += 1

@@ -119,16 +119,18 @@ class PlateOverview(QObject):
                 self._restore_hidden()
                 return False
         else:
-            self._active = False
-            self._timer.stop()
-            for name in list(self._entries):
-                self._drop(name)
-            self._restore_hidden()
-            self._dismissed.clear()
-        with contextlib.suppress(Exception):  # an empty or closing viewer has nothing to fit
-            self._viewer.reset_view()
+            self._end()
+        self._viewer.reset_view()  # the plate, or the well, fills the canvas
         self.toggled.emit(self._active)
         return True
+
+    def _end(self) -> None:
+        self._active = False
+        self._timer.stop()
+        for name in list(self._entries):
+            self._drop(name)
+        self._restore_hidden()
+        self._dismissed.clear()
 
     def schedule(self, delay_ms: int = REFRESH_MS) -> None:
         """Rebuild within ``delay_ms`` (several requests meanwhile: one rebuild)."""
@@ -139,10 +141,8 @@ class PlateOverview(QObject):
 
     def close(self) -> None:
         """End the overview (its layers go, hidden layers come back) and disconnect."""
-        with contextlib.suppress(RuntimeError):
-            self._timer.stop()
-        with contextlib.suppress(RuntimeError, ValueError, KeyError):
-            self.set_active(False)
+        with contextlib.suppress(RuntimeError, ValueError, KeyError):  # Qt may be gone
+            self._end()
         for signal, slot in self._connections:
             with contextlib.suppress(RuntimeError, TypeError, ValueError):
                 signal.disconnect(slot)
