@@ -181,11 +181,12 @@ def test_demo_unattended_screenshot(runtime_dir: Path, tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "napari_hcs_stream", "demo", "--endpoint", "demo-test",
          "--wells", "12", "--sites", "1", "--size", "128", "--workers", "2",
-         "--exit", "--screenshot", str(shot)],
+         "--exit", "--overview", "--screenshot", str(shot)],
         capture_output=True, text=True, timeout=240, env=dict(os.environ),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "denoise" in proc.stdout and "not streamed" in proc.stdout.lower()
+    assert "plate overview: shown" in proc.stdout
     from PIL import Image
 
     img = np.asarray(Image.open(shot).convert("RGB"))

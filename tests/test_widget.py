@@ -310,7 +310,7 @@ def _publish_until_connected(pub: Publisher) -> bool:
                                          channel="DAPI")
 
 
-def test_control_clear_screenshot_and_shutdown(docked, qtbot, runtime_dir, tmp_path):
+def test_control_clear_screenshot_overview_and_shutdown(docked, qtbot, runtime_dir, tmp_path):
     viewer, widget = docked()
     listen(qtbot, widget, "ctl")
     client = ControlClient(widget.listener.control_address)
@@ -331,6 +331,21 @@ def test_control_clear_screenshot_and_shutdown(docked, qtbot, runtime_dir, tmp_p
     assert reply["ok"] and shot.stat().st_size > 0
     reply = client.request("screenshot", timeout=5, path="relative.png")
     assert not reply["ok"] and "absolute" in reply["error"]
+    reply = wait_result(qtbot, in_thread(lambda: client.request("overview", timeout=10)))
+    assert reply == {**reply, "ok": True, "active": True}
+    assert [layer.name for layer in viewer.layers] == ["output [keep]", "output [keep] overview"]
+    reply = wait_result(qtbot, in_thread(lambda: client.request("overview", timeout=10,
+                                                                on=False)))
+    assert reply == {**reply, "ok": True, "active": False} and len(viewer.layers) == 1
+    reply = client.request("overview", timeout=5, on="yes")
+    assert not reply["ok"] and "true or false" in reply["error"]
+    widget.clear(None)
+    reply = wait_result(qtbot, in_thread(lambda: client.request("overview", timeout=10)))
+    assert not reply["ok"] and "No plate" in reply["error"]
+    publish_again = Publisher("ctl", run="keep", producer="c", connect_timeout=10)
+    with publish_again as keep:
+        keep.publish(np.ones((8, 8), np.uint8), well="A01")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 1, timeout=10000)
     widget.owned = False
     widget.launched = False
     listener = widget.listener

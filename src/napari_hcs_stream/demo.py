@@ -103,6 +103,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for materialized outputs (default: a temporary folder, removed)")
     p.add_argument("--screenshot", default=None, metavar="PATH",
                    help="save a screenshot of the viewer once the run is visible")
+    p.add_argument("--overview", action="store_true",
+                   help="show the plate overview once the run is visible (every well side by "
+                        "side; with --screenshot: a plate montage)")
     p.add_argument("--exit", action="store_true",
                    help="close the viewer at the end (for unattended runs, e.g. under xvfb-run)")
 
@@ -206,6 +209,9 @@ def run_demo(args: argparse.Namespace) -> int:
             for layer in state.get("layers", []):
                 print(f"  layer {layer['name']:<32} {layer['frames']:>5} frames  "
                       f"shape {tuple(layer['shape'])}")
+            if args.overview:
+                reply = manager.request("overview", timeout=60.0, on=True)
+                print(f"  plate overview: {'shown' if reply.get('ok') else reply.get('error')}")
             if args.screenshot:
                 reply = manager.request("screenshot", timeout=60.0, path=str(args.screenshot))
                 print(f"  screenshot: {reply.get('path') or reply.get('error')}")

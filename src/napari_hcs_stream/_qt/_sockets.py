@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 #: (command, request, token) -> a reply now, or None to answer later.
 Handler = Callable[[str, dict[str, Any], Any], "dict[str, Any] | None"]
-#: the protocol's commands plus the viewer's own (``screenshot``: for unattended demos).
-COMMANDS = CONTROL_COMMANDS | {"screenshot"}
+#: the protocol's commands plus the viewer's own (``screenshot`` and ``overview``: for
+#: unattended demos and plate montages).
+COMMANDS = CONTROL_COMMANDS | {"screenshot", "overview"}
 #: rejections are logged at most this often (the receiver counts every one).
 _ERROR_LOG_EVERY_S = 1.0
 

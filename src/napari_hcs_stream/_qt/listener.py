@@ -81,6 +81,8 @@ class ListenerThread(QThread):
     shutdown_requested = Signal(bool)
     #: a control client asked for a screenshot: (path, canvas_only, token); post_reply(token).
     screenshot_requested = Signal(str, bool, object)
+    #: a control client asked for the plate overview on (True) or off: (on, token).
+    overview_requested = Signal(bool, object)
 
     def __init__(
         self,
@@ -242,6 +244,12 @@ class ListenerThread(QThread):
             if error:
                 return {"ok": False, "error": error}
             self.screenshot_requested.emit(str(path), bool(args.get("canvas_only", False)), token)
+            return None
+        if cmd == "overview":
+            on = args.get("on", True)
+            if not isinstance(on, bool):
+                return {"ok": False, "error": "overview 'on' must be true or false"}
+            self.overview_requested.emit(on, token)
             return None
         if cmd == "shutdown":
             close = self._close_on_shutdown(bool(args.get("close", False)))

@@ -212,6 +212,7 @@ class StreamWidget(QWidget):
             (listener.clear_requested, self._on_clear_requested),
             (listener.shutdown_requested, self._on_shutdown_requested),
             (listener.screenshot_requested, self._on_screenshot_requested),
+            (listener.overview_requested, self._on_overview_requested),
             (listener.finished, self._on_finished),
         ):
             self._res.connect_listener(signal, slot)
@@ -616,6 +617,14 @@ class StreamWidget(QWidget):
             return {"path": path}
 
         self._answer(token, "screenshot", do)
+
+    def _on_overview_requested(self, on: bool, token: Any) -> None:
+        def do() -> dict[str, Any]:
+            if not self.show_overview(on):
+                return {"ok": False, "error": self.error_label.text(), "active": False}
+            return {"active": bool(self._res.overview and self._res.overview.active)}
+
+        self._answer(token, "overview", do)
 
     def _closes_on_shutdown(self, asked: bool) -> bool:
         return self.owned or (asked and self.launched)
