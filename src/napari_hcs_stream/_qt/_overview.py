@@ -27,6 +27,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..overview import Tiling, fill_tiles, tiling
 from .overlay import STACK_NDIM
+from .render import OwnRemoval
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class PlateOverview(QObject):
         self._hidden: dict[str, tuple[Any, bool]] = {}
         #: overview layers the user deleted: not brought back until the overview restarts
         self._dismissed: set[str] = set()
-        self._removing = False
+        self._own = OwnRemoval(viewer)
         self._active = False
         self._timer = QTimer()
         self._timer.setSingleShot(True)
@@ -259,12 +260,7 @@ class PlateOverview(QObject):
         if entry is None:
             return
         _unlink(entry)
-        self._removing = True
-        try:
-            with contextlib.suppress(ValueError, KeyError):
-                self._viewer.layers.remove(entry.layer)
-        finally:
-            self._removing = False
+        self._own.remove(entry.layer)
 
     def _restore_hidden(self) -> None:
         present = {layer.unique_id for layer in self._viewer.layers}
@@ -276,7 +272,7 @@ class PlateOverview(QObject):
     def _on_layer_removed(self, event: Any) -> None:
         """A streamed layer went (its run was cleared): its overview goes with it. The user
         deleted an overview layer: let it go for as long as the overview is on."""
-        if self._removing:
+        if self._own.active:
             return
         removed = getattr(event, "value", None)
         for name, entry in list(self._entries.items()):

@@ -35,6 +35,23 @@ _KEPT = ("colormap", "opacity", "visible", "blending", "gamma")
 _THUMBNAIL_EVERY_S = 0.5
 
 
+class OwnRemoval:
+    """Removes layers we made from the viewer; ``active`` is True meanwhile, so a handler of
+    ``viewer.layers.events.removed`` can tell our removals from the user's deletions."""
+
+    def __init__(self, viewer: Any) -> None:
+        self._viewer = viewer
+        self.active = False
+
+    def remove(self, layer: Any) -> None:
+        self.active = True
+        try:
+            with contextlib.suppress(ValueError, KeyError):  # already gone
+                self._viewer.layers.remove(layer)
+        finally:
+            self.active = False
+
+
 @dataclass
 class _Streamed:
     """Book-keeping for one streamed layer."""
@@ -71,7 +88,7 @@ class RenderTick(QObject):
         self._generation = generation
         self._layers: dict[str, _Streamed] = {}
         self._dismissed: set[str] = set()
-        self._removing = False
+        self._own = OwnRemoval(viewer)
         self.rendered_generation = 0
         #: durations (ms) of ticks that applied something, and of those that added or
         #: removed no layer (creating a napari layer is a one-off that costs far more).
@@ -299,16 +316,11 @@ class RenderTick(QObject):
         if streamed is None:
             return
         self._disconnect(streamed)
-        self._removing = True
-        try:
-            with contextlib.suppress(ValueError, KeyError):
-                self._viewer.layers.remove(streamed.layer)
-        finally:
-            self._removing = False
+        self._own.remove(streamed.layer)
 
     def _on_layer_removed(self, event: Any) -> None:
         """The user deleted a streamed layer: forget it, and do not re-add it until it is new."""
-        if self._removing:
+        if self._own.active:
             return
         removed = getattr(event, "value", None)
         if removed is None:
