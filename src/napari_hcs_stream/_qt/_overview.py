@@ -189,10 +189,12 @@ class PlateOverview(QObject):
         rest = tuple(int(i) for i in dims.current_step[offset + 1:offset + source.ndim - 2])
         shape = layout.shape + stack.shape[stack.ndim - 1:] if rgb else layout.shape
         entry = self._entries.get(name)
-        fresh = (entry is None or entry.layout != layout or entry.layer.data.shape != shape
-                 or entry.layer.data.dtype != stack.dtype)
-        data = np.zeros(shape, stack.dtype) if fresh or entry is None else entry.layer.data
-        drawn = {} if fresh or entry is None or entry.rest != rest else entry.drawn
+        if (entry is not None and entry.layout == layout and entry.layer.data.shape == shape
+                and entry.layer.data.dtype == stack.dtype):  # draw into the mosaic shown
+            fresh, data = False, entry.layer.data
+            drawn = entry.drawn if entry.rest == rest else {}  # another plane: every well
+        else:
+            fresh, data, drawn = True, np.zeros(shape, stack.dtype), {}
         todo = {pos: status.index for pos, status in cells.items()
                 if drawn.get(pos) != status.last_seen}
         written = fill_tiles(data, layout, stack, todo, rest)

@@ -61,6 +61,9 @@ STATUS_WAIT_MS = 250
 #: listeners that did not stop in time: kept alive until they do (never destroyed running).
 _STUCK: list[ListenerThread] = []
 GIB = 1024**3
+#: why the plate overview cannot be shown
+NO_PLATE = ("No plate to show: no streamed layer has wells of a plate on a slider yet (wells "
+            "shown as separate layers have none).")
 #: display resolutions offered for new layers: keep every n-th pixel (1: full resolution)
 RESOLUTIONS = (1, 2, 4, 8, 16)
 
@@ -524,8 +527,7 @@ class StreamWidget(QWidget):
             return False
         shown = overview.set_active(bool(on))
         if not shown:
-            self.show_error("No plate to show: no streamed layer has wells of a plate on a "
-                            "slider yet (wells shown as separate layers have none).")
+            self.show_error(NO_PLATE)
         self._on_overview_toggled(overview.active)
         return shown
 
@@ -621,7 +623,7 @@ class StreamWidget(QWidget):
     def _on_overview_requested(self, on: bool, token: Any) -> None:
         def do() -> dict[str, Any]:
             if not self.show_overview(on):
-                return {"ok": False, "error": self.error_label.text(), "active": False}
+                return {"ok": False, "error": NO_PLATE, "active": False}
             return {"active": bool(self._res.overview and self._res.overview.active)}
 
         self._answer(token, "overview", do)
