@@ -592,3 +592,25 @@ def test_plate_map_view_places_every_well_where_a_click_finds_it(qtbot, rows, co
     view.well_clicked.connect(clicked.append)
     qtbot.mouseClick(view, Qt.MouseButton.LeftButton, pos=view.cell_rect(rows // 2, 1).center())
     assert clicked == [well_name(rows // 2, 1)]
+
+
+def test_overview_button_says_why_there_is_no_plate(docked, qtbot):
+    from _frames import put
+    from napari_hcs_stream._qt.widget import NO_PLATE
+
+    viewer, widget = docked()
+    put(widget.assembler, plane_for("A01", 1, "DAPI"), channel="DAPI")  # no well: no plate
+    widget.render_tick.tick()
+    widget.overview_button.click()
+    assert not widget.overview_button.isChecked()
+    assert widget.error_label.text() == NO_PLATE and len(viewer.layers) == 1
+    put(widget.assembler, plane_for("B03", 1, "DAPI"), well="B03", channel="DAPI", run="r2")
+    widget.render_tick.tick()
+    widget.overview_button.click()
+    assert widget.overview_button.isChecked() and widget.error_label.text() == ""
+    # the layer with no plate is hidden too: it would cover the mosaic's corner
+    assert [layer.name for layer in viewer.layers if layer.visible] == ["DAPI · out [r2] "
+                                                                        "overview"]
+    widget.overview_button.click()
+    assert not widget.overview_button.isChecked()
+    assert all(layer.visible for layer in viewer.layers) and len(viewer.layers) == 2

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtCore import QTimer
 
 from ..overview import Tiling, fill_tiles, tiling
 from .overlay import STACK_NDIM
@@ -57,19 +57,15 @@ class _Entry:
     linked: tuple[str, ...] = ()
 
 
-class PlateOverview(QObject):
+class PlateOverview:
     """Turns the plate overview on and off and keeps its layers in step with the stream.
 
     ``streamed`` returns the streamed layers as ``{assembler layer name: napari layer}``;
     ``open_well`` is called with a well's name when the user double-clicks it.
     """
 
-    #: the overview was turned on (True) or off (False), by the user or by us
-    toggled = Signal(bool)
-
     def __init__(self, viewer: Any, assembler: Any, streamed: Callable[[], Mapping[str, Any]],
                  open_well: Callable[[str], object] = lambda _well: None) -> None:
-        super().__init__()
         self._viewer = viewer
         self._assembler = assembler
         self._streamed = streamed
@@ -122,7 +118,6 @@ class PlateOverview(QObject):
         else:
             self._end()
         self._viewer.reset_view()  # the plate, or the well, fills the canvas
-        self.toggled.emit(self._active)
         return True
 
     def _end(self) -> None:
@@ -166,6 +161,10 @@ class PlateOverview(QObject):
                 self._refresh_one(name, source, plates)
             except Exception:
                 log.exception("the plate overview of %s failed", name)
+        if self._entries:  # streamed layers with no plate would cover the mosaic's corner
+            for name, source in streamed.items():
+                if name not in self._entries:
+                    self._hide(name, source)
 
     def _refresh_one(self, name: str, source: Any, plates: dict[Any, Any]) -> None:
         run = (getattr(source, "metadata", None) or {}).get("hcs_stream", {}).get("run")
@@ -228,9 +227,7 @@ class PlateOverview(QObject):
                 data, rgb=bool(source.rgb), colormap=source.colormap,
                 contrast_limits=tuple(source.contrast_limits), gamma=source.gamma, **common)
         entry = _Entry(source, layer, layout, rest)
-        if name not in self._hidden:
-            self._hidden[name] = (source, bool(source.visible))
-        source.visible = False
+        self._hide(name, source)
         linked = _LINKED[kind]
         try:
             from napari.experimental import link_layers
@@ -242,6 +239,13 @@ class PlateOverview(QObject):
         layer.mouse_double_click_callbacks.append(self._double_click(name))
         self._entries[name] = entry
         return entry
+
+    def _hide(self, name: str, source: Any) -> None:
+        """Hide a streamed layer for the overview, once (a layer the user shows again stays
+        shown), remembering whether it was visible."""
+        if name not in self._hidden:
+            self._hidden[name] = (source, bool(source.visible))
+            source.visible = False
 
     def _double_click(self, name: str) -> Callable[[Any, Any], None]:
         def open_well(layer: Any, event: Any) -> None:

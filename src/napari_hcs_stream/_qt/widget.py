@@ -148,7 +148,6 @@ class StreamWidget(QWidget):
         self._res.connect(self._res.render.applied, self._res.overlay.update)
         self._res.connect(self._res.render.applied, self._on_rendered)
         self._res.connect(self._res.render.applied, self._res.overview.schedule)
-        self._res.connect(self._res.overview.toggled, self._on_overview_toggled)
         for signal in (napari_viewer.dims.events.current_step,
                        napari_viewer.layers.selection.events.active):
             self._res.connect(signal, self._show_current_well)
@@ -528,14 +527,13 @@ class StreamWidget(QWidget):
         shown = overview.set_active(bool(on))
         if not shown:
             self.show_error(NO_PLATE)
-        self._on_overview_toggled(overview.active)
-        return shown
-
-    def _on_overview_toggled(self, on: bool) -> None:
+        elif self.error_label.text() == NO_PLATE:
+            self.show_error("")
         with QSignalBlocker(self.overview_button):
-            self.overview_button.setChecked(on)
-        if self._res.overlay is not None and not self._res.closed:
+            self.overview_button.setChecked(overview.active)
+        if self._res.overlay is not None:
             self._res.overlay.update()
+        return shown
 
     def go_to_newest(self) -> bool:
         """Move every slider to the newest frame shown (of the layer the overlay labels), so
