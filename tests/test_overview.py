@@ -113,8 +113,11 @@ def setup(make_napari_viewer_proxy):
     assembler = PlateAssembler(max_bytes=1 << 28, contrast_interval=0.0)
     render = RenderTick(viewer, assembler)
     opened: list[str] = []
-    overview = PlateOverview(viewer, assembler, render.streamed, open_well=opened.append)
+    overlay_box: list = []
+    overview = PlateOverview(viewer, assembler, render.streamed, open_well=opened.append,
+                             on_hover=lambda: overlay_box[0].update())
     overlay = DimsLabelOverlay(viewer, assembler, render.streamed, overview)
+    overlay_box.append(overlay)
     render.applied.connect(overlay.update)
     overview.opened = opened  # type: ignore[attr-defined]
     yield SimpleNamespace(viewer=viewer, assembler=assembler, render=render, overview=overview,
@@ -200,14 +203,31 @@ def test_overview_is_linked_to_its_layer_and_opens_a_well(setup):
     s.viewer.layers.selection.active = layer
     assert "Plate overview" in s.overlay.text
     layout = tiling(4, 6, (32, 48))
+
+    def at(y: float, x: float) -> SimpleNamespace:
+        return SimpleNamespace(position=layer.data_to_world((y, x)))
+
+    def ours(kind: str) -> list:
+        """Our callbacks among the viewer's own (napari's zoom-on-double-click is there too)."""
+        mine = (s.overview._on_mouse_move, s.overview._on_double_click)
+        return [c for c in getattr(s.viewer, f"mouse_{kind}_callbacks") if c in mine]
+
     y, x = layout.origin(*parse_well("D06"))
-    position = layer.data_to_world((y + 3, x + 3))
-    for callback in layer.mouse_double_click_callbacks:
-        callback(layer, SimpleNamespace(position=position))
     gy, gx = layout.origin(0, 1)
-    for callback in layer.mouse_double_click_callbacks:  # in the gap: nothing
-        callback(layer, SimpleNamespace(position=layer.data_to_world((gy + 3, gx - 1))))
+    # the viewer's own callbacks: whatever layer is selected (here none of ours)
+    s.viewer.layers.selection.active = None
+    assert len(ours("move")) == len(ours("double_click")) == 1
+    ours("move")[0](s.viewer, at(y + 3, x + 3))
+    assert s.overview.hovered == "D06"
+    assert s.overlay.text.startswith("Plate overview | Well D06 | Site")
+    ours("move")[0](s.viewer, at(gy + 3, gx - 1))  # in the gap between two wells: none
+    assert s.overview.hovered is None and "Well" not in s.overlay.text
+    ours("double_click")[0](s.viewer, at(gy + 3, gx - 1))  # nothing to open there
+    assert s.opened == []
+    ours("double_click")[0](s.viewer, at(y + 3, x + 3))
     assert s.opened == ["D06"]
+    s.overview.set_active(False)  # the callbacks go with the overview
+    assert ours("move") == ours("double_click") == []
 
 
 @pytest.mark.gui

@@ -61,15 +61,23 @@ class PlateOverview:
     """Turns the plate overview on and off and keeps its layers in step with the stream.
 
     ``streamed`` returns the streamed layers as ``{assembler layer name: napari layer}``;
-    ``open_well`` is called with a well's name when the user double-clicks it.
+    ``open_well`` is called with a well's name when the user double-clicks it, and
+    ``on_hover`` when the well under the mouse changes (:attr:`hovered`).
     """
 
     def __init__(self, viewer: Any, assembler: Any, streamed: Callable[[], Mapping[str, Any]],
-                 open_well: Callable[[str], object] = lambda _well: None) -> None:
+                 open_well: Callable[[str], object] = lambda _well: None,
+                 on_hover: Callable[[], object] = lambda: None) -> None:
         self._viewer = viewer
         self._assembler = assembler
         self._streamed = streamed
         self._open_well = open_well
+        self._on_hover = on_hover
+        #: the well under the mouse while the overview is on (its name as sent), else None
+        self.hovered: str | None = None
+        #: the viewer's own mouse callbacks (any layer may be the active one)
+        self._mouse = ((viewer.mouse_double_click_callbacks, self._on_double_click),
+                       (viewer.mouse_move_callbacks, self._on_mouse_move))
         self._entries: dict[str, _Entry] = {}
         #: streamed layers we hid: name -> (napari layer, its visibility before)
         self._hidden: dict[str, tuple[Any, bool]] = {}
@@ -115,6 +123,8 @@ class PlateOverview:
                 self._active = False
                 self._restore_hidden()
                 return False
+            for callbacks, callback in self._mouse:
+                callbacks.append(callback)
         else:
             self._end()
         self._viewer.reset_view()  # the plate, or the well, fills the canvas
@@ -123,6 +133,10 @@ class PlateOverview:
     def _end(self) -> None:
         self._active = False
         self._timer.stop()
+        for callbacks, callback in self._mouse:
+            with contextlib.suppress(ValueError):  # not added: the overview was off
+                callbacks.remove(callback)
+        self.hovered = None
         for name in list(self._entries):
             self._drop(name)
         self._restore_hidden()
@@ -236,7 +250,6 @@ class PlateOverview:
             entry.linked = linked
         except Exception:  # an older napari: the overview still shows, unlinked
             log.debug("cannot link %s to its overview", source.name, exc_info=True)
-        layer.mouse_double_click_callbacks.append(self._double_click(name))
         self._entries[name] = entry
         return entry
 
@@ -247,18 +260,28 @@ class PlateOverview:
             self._hidden[name] = (source, bool(source.visible))
             source.visible = False
 
-    def _double_click(self, name: str) -> Callable[[Any, Any], None]:
-        def open_well(layer: Any, event: Any) -> None:
-            entry = self._entries.get(name)
-            if entry is None:
-                return
-            y, x = (float(v) for v in layer.world_to_data(event.position)[-2:])
+    # -- the mouse ---------------------------------------------------------------------------------
+    def well_at(self, position: Any) -> str | None:
+        """The well whose tile is under world ``position`` (the top-most overview that has one
+        there), else None."""
+        for entry in reversed(list(self._entries.values())):
+            y, x = (float(v) for v in entry.layer.world_to_data(position)[-2:])
             cell = entry.layout.cell_at(y, x)
             well = entry.names.get(cell) if cell is not None else None
             if well is not None:
-                self._open_well(well)
+                return well
+        return None
 
-        return open_well
+    def _on_double_click(self, _viewer: Any, event: Any) -> None:
+        well = self.well_at(event.position)
+        if well is not None:
+            self._open_well(well)
+
+    def _on_mouse_move(self, _viewer: Any, event: Any) -> None:
+        well = self.well_at(event.position)
+        if well != self.hovered:
+            self.hovered = well
+            self._on_hover()
 
     # -- taking it down ----------------------------------------------------------------------------
     def _drop(self, name: str) -> None:

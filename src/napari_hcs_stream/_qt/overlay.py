@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from ..labels import format_labels
+
 log = logging.getLogger(__name__)
 
 #: key of our own entry in ``viewer.canvas.overlays`` (napari >= 0.9).
@@ -38,6 +40,9 @@ class OverviewState(Protocol):
 
     @property
     def active(self) -> bool: ...
+
+    #: the well under the mouse, if any
+    hovered: str | None
 
     def source_of(self, layer: Any) -> str | None: ...
 
@@ -116,8 +121,8 @@ class DimsLabelOverlay:
     ``streamed`` returns the streamed layers currently in the viewer, as ``{assembler layer
     name: napari layer}`` in stacking order (bottom first): the overlay labels the active layer
     when it is one of them, else the top-most visible one. While the plate ``overview`` is on,
-    the text leaves the well out (``Plate overview | Site 2 | DAPI``), and an active overview
-    layer stands for the streamed layer it shows.
+    the text names the well under the mouse, if any (``Plate overview | Well B03 | Site 2 |
+    DAPI``), and an active overview layer stands for the streamed layer it shows.
     """
 
     def __init__(
@@ -174,8 +179,10 @@ class DimsLabelOverlay:
         overview = self._overview is not None and self._overview.active
         try:
             if overview:
+                hovered = self._overview.hovered if self._overview is not None else None
                 rest = self._labels.label_text(name, step, skip=("well",))
-                self.text = " | ".join(filter(None, (OVERVIEW_TEXT, rest)))
+                self.text = " | ".join(filter(None, (
+                    OVERVIEW_TEXT, format_labels([("well", hovered)]), rest)))
             else:
                 self.text = self._labels.label_text(name, step)
         except (KeyError, IndexError, ValueError) as exc:  # layer cleared under our feet

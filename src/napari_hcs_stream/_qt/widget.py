@@ -142,7 +142,8 @@ class StreamWidget(QWidget):
         self._res.render = RenderTick(napari_viewer, self._assembler, generation=self._counter.get,
                                       pacer=Pacer(load=self._counter.get_load))
         self._res.overview = PlateOverview(napari_viewer, self._assembler,
-                                           self._res.render.streamed, open_well=self.open_well)
+                                           self._res.render.streamed, open_well=self.open_well,
+                                           on_hover=self._update_overlay)
         self._res.overlay = DimsLabelOverlay(napari_viewer, self._assembler,
                                              self._res.render.streamed, self._res.overview)
         self._res.connect(self._res.render.applied, self._res.overlay.update)
@@ -531,9 +532,12 @@ class StreamWidget(QWidget):
             self.show_error("")
         with QSignalBlocker(self.overview_button):
             self.overview_button.setChecked(overview.active)
-        if self._res.overlay is not None:
-            self._res.overlay.update()
+        self._update_overlay()
         return shown
+
+    def _update_overlay(self) -> None:
+        if self._res.overlay is not None and not self._res.closed:
+            self._res.overlay.update()
 
     def go_to_newest(self) -> bool:
         """Move every slider to the newest frame shown (of the layer the overlay labels), so
