@@ -614,3 +614,37 @@ def test_overview_button_says_why_there_is_no_plate(docked, qtbot):
     widget.overview_button.click()
     assert not widget.overview_button.isChecked()
     assert all(layer.visible for layer in viewer.layers) and len(viewer.layers) == 2
+
+
+def test_overview_fills_in_live_as_producers_stream(docked, qtbot, runtime_dir):
+    from napari_hcs_stream.labels import parse_well
+    from napari_hcs_stream.overview import tiling
+
+    viewer, widget = docked(show=True)
+    listen(qtbot, widget, "live")
+    first = {"prod-a": PLAN["prod-a"]}
+    procs, results = start_producers("live", str(runtime_dir), first, sites=(1,))
+    qtbot.waitUntil(lambda: results.qsize() == 1, timeout=60000)
+    procs[0].join(10)
+    qtbot.waitUntil(lambda: len(viewer.layers) == len(CHANNELS)
+                    and widget.assembler.state()["frames"] == 3 * len(CHANNELS), timeout=10000)
+    qtbot.waitUntil(lambda: widget.show_overview(True), timeout=5000)
+    shown = widget._res.overview.layers()
+    layout = tiling(4, 6, (64, 64))  # A01..D06: a 24-well plate is inferred
+
+    def tile(well: str, channel: str) -> int:
+        layer = next(v for k, v in shown.items() if k.startswith(channel))
+        y, x = layout.origin(*parse_well(well))
+        return int(layer.data[y + 32, x + 32])
+
+    assert tile("A03", "GFP") == 0  # not streamed yet
+    procs, results = start_producers("live", str(runtime_dir), {"prod-b": PLAN["prod-b"]},
+                                     sites=(1,))
+    qtbot.waitUntil(lambda: all(tile(w, c) == value_of(w, 1, c)
+                                for w in PLAN["prod-b"] for c in CHANNELS), timeout=30000)
+    assert all(tile(w, c) == value_of(w, 1, c) for w in PLAN["prod-a"] for c in CHANNELS)
+    qtbot.waitUntil(lambda: results.qsize() == 1, timeout=60000)
+    procs[0].join(10)
+    assert widget.overview_button.isChecked()
+    assert not any(viewer.layers[n.split(" overview")[0]].visible for n in
+                   (layer.name for layer in shown.values()))
