@@ -180,7 +180,11 @@ def test_overview_follows_the_sliders_and_new_frames(setup, qtbot):
     name, layer = next(iter(s.overview.layers().items()))
     channel = s.render.streamed()[name].metadata["hcs_stream"]["channel"]
     layout = tiling(4, 6, (32, 48))
+    timer = s.overview._timer
+    s.viewer.dims.set_current_step(site_axis(s) - 1, 1)  # the well slider: nothing to redo
+    assert not timer.isActive()
     s.viewer.dims.set_current_step(site_axis(s), 1)  # site 2: rebuilt soon after
+    assert timer.isActive() and timer.remainingTime() <= 30
     qtbot.waitUntil(lambda: tile_value(layer, layout, "B03").tolist()
                     == [value("B03", 2, channel)], timeout=5000)
     stream(s, wells=("C02",), sites=(2,))  # a new well: drawn with the next rebuild

@@ -194,12 +194,7 @@ class PlateOverview:
         if not cells or stack.ndim < STACK_NDIM + 2:
             return
         layout = tiling(plate.rows, plate.cols, stack.shape[stack.ndim - image_ndim:][:2])
-        # the slider positions of the axes between the well axis and the plane (site,
-        # channel, t, z, ...); napari aligns layers on their trailing axes, and an RGB
-        # layer's colour axis is not a slider
-        dims = self._viewer.dims
-        offset = max(0, dims.ndim - source.ndim)
-        rest = tuple(int(i) for i in dims.current_step[offset + 1:offset + source.ndim - 2])
+        rest = self._rest(source)
         shape = layout.shape + stack.shape[stack.ndim - 1:] if rgb else layout.shape
         entry = self._entries.get(name)
         if (entry is not None and entry.layout == layout and entry.layer.data.shape == shape
@@ -313,8 +308,19 @@ class PlateOverview:
                 del self._entries[name]
                 self._dismissed.add(name)
 
+    def _rest(self, source: Any) -> tuple[int, ...]:
+        """The slider positions of a streamed layer's axes between the well axis and the plane
+        (site, channel, t, z, ...): napari aligns layers on their trailing axes, and an RGB
+        layer's colour axis is not a slider."""
+        dims = self._viewer.dims
+        offset = max(0, dims.ndim - source.ndim)
+        return tuple(int(i) for i in dims.current_step[offset + 1:offset + source.ndim - 2])
+
     def _on_slider(self, _event: object = None) -> None:
-        self.schedule(SLIDER_MS)
+        """Another site, channel, z or t: rebuild soon. The well slider alone (which follows
+        the newest frame on every render tick) changes nothing here."""
+        if any(self._rest(entry.source) != entry.rest for entry in self._entries.values()):
+            self.schedule(SLIDER_MS)
 
 
 def _same(a: Any, b: Any) -> bool:
