@@ -114,14 +114,16 @@ def setup(make_napari_viewer_proxy):
     render = RenderTick(viewer, assembler)
     opened: list[str] = []
     overlay_box: list = []
+    chosen: dict = {"run": None}
     overview = PlateOverview(viewer, assembler, render.streamed, open_well=opened.append,
-                             on_hover=lambda: overlay_box[0].update())
+                             on_hover=lambda: overlay_box[0].update(),
+                             run=lambda: chosen["run"])
     overlay = DimsLabelOverlay(viewer, assembler, render.streamed, overview)
     overlay_box.append(overlay)
     render.applied.connect(overlay.update)
     overview.opened = opened  # type: ignore[attr-defined]
     yield SimpleNamespace(viewer=viewer, assembler=assembler, render=render, overview=overview,
-                          overlay=overlay, opened=opened)
+                          overlay=overlay, opened=opened, chosen=chosen)
     overview.close()
     overlay.close()
     render.close()
@@ -299,3 +301,23 @@ def test_labels_and_downsampled_layers(setup):
     layout = tiling(4, 6, (16, 24))  # the stack holds every 2nd pixel
     assert tuple(layer.scale) == (2.0, 2.0)  # full-resolution coordinates, like its layer
     assert tile_value(layer, layout, "B02").tolist() == [5]
+
+
+@pytest.mark.gui
+def test_overview_of_the_chosen_run_hides_the_others(setup):
+    s = setup
+    stream(s)
+    stream(s, wells=("C02",), run="run2")
+    s.chosen["run"] = "run2"
+    assert s.overview.set_active(True)
+    assert all("run2" in name for name in s.overview.layers())
+    visible = [layer.name for layer in s.viewer.layers if layer.visible]
+    assert visible and all(name.endswith(SUFFIX) and "run2" in name for name in visible)
+    s.chosen["run"] = None  # all runs: both runs' overviews
+    s.overview.refresh()
+    assert len(s.overview.layers()) == 4
+    s.chosen["run"] = "run1"
+    s.overview.refresh()
+    assert sorted(s.overview.layers()) == sorted(n for n in s.render.streamed() if "run1" in n)
+    assert s.overview.set_active(False)
+    assert all(layer.visible for layer in s.viewer.layers) and len(s.viewer.layers) == 4

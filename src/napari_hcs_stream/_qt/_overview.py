@@ -62,13 +62,16 @@ class PlateOverview:
 
     ``streamed`` returns the streamed layers as ``{assembler layer name: napari layer}``;
     ``open_well`` is called with a well's name when the user double-clicks it, and
-    ``on_hover`` when the well under the mouse changes (:attr:`hovered`).
+    ``on_hover`` when the well under the mouse changes (:attr:`hovered`). ``run`` returns the
+    run to lay out (None: every run); other runs' layers are hidden meanwhile.
     """
 
     def __init__(self, viewer: Any, assembler: Any, streamed: Callable[[], Mapping[str, Any]],
                  open_well: Callable[[str], object] = lambda _well: None,
-                 on_hover: Callable[[], object] = lambda: None) -> None:
+                 on_hover: Callable[[], object] = lambda: None,
+                 run: Callable[[], str | None] = lambda: None) -> None:
         self._viewer = viewer
+        self._run = run
         self._assembler = assembler
         self._streamed = streamed
         self._open_well = open_well
@@ -163,9 +166,11 @@ class PlateOverview:
         """Bring every overview layer up to date now; never raises into the Qt event loop."""
         if not self._active:
             return
-        streamed = dict(self._streamed())
+        run = self._run()
+        streamed = {name: source for name, source in self._streamed().items()
+                    if run is None or _run_of(source) == run}
         for name in list(self._entries):
-            if name not in streamed:  # its run was cleared
+            if name not in streamed:  # its run was cleared, or another run was chosen
                 self._drop(name)
         plates: dict[Any, Any] = {}
         for name, source in streamed.items():
@@ -175,13 +180,13 @@ class PlateOverview:
                 self._refresh_one(name, source, plates)
             except Exception:
                 log.exception("the plate overview of %s failed", name)
-        if self._entries:  # streamed layers with no plate would cover the mosaic's corner
-            for name, source in streamed.items():
+        if self._entries:  # other runs, and layers with no plate, would cover the mosaic
+            for name, source in self._streamed().items():
                 if name not in self._entries:
                     self._hide(name, source)
 
     def _refresh_one(self, name: str, source: Any, plates: dict[Any, Any]) -> None:
-        run = (getattr(source, "metadata", None) or {}).get("hcs_stream", {}).get("run")
+        run = _run_of(source)
         if run not in plates:
             plates[run] = self._assembler.plate_map(run)
         plate = plates[run]
@@ -321,6 +326,11 @@ class PlateOverview:
         the newest frame on every render tick) changes nothing here."""
         if any(self._rest(entry.source) != entry.rest for entry in self._entries.values()):
             self.schedule(SLIDER_MS)
+
+
+def _run_of(layer: Any) -> Any:
+    """The run a streamed layer belongs to (from the metadata the render tick gives it)."""
+    return (getattr(layer, "metadata", None) or {}).get("hcs_stream", {}).get("run")
 
 
 def _same(a: Any, b: Any) -> bool:

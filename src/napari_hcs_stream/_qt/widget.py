@@ -143,7 +143,7 @@ class StreamWidget(QWidget):
                                       pacer=Pacer(load=self._counter.get_load))
         self._res.overview = PlateOverview(napari_viewer, self._assembler,
                                            self._res.render.streamed, open_well=self.open_well,
-                                           on_hover=self._update_overlay)
+                                           on_hover=self._update_overlay, run=self.chosen_run)
         self._res.overlay = DimsLabelOverlay(napari_viewer, self._assembler,
                                              self._res.render.streamed, self._res.overview)
         self._res.connect(self._res.render.applied, self._res.overlay.update)
@@ -337,8 +337,9 @@ class StreamWidget(QWidget):
 
         self.run_combo = QComboBox()
         self.run_combo.addItem(ALL_RUNS)
-        self.run_combo.setToolTip("The run to clear, and the run the plate map shows")
-        self.run_combo.currentTextChanged.connect(lambda _run: self.refresh_plate())
+        self.run_combo.setToolTip(
+            "The run to clear, and the run the plate map and the plate overview show")
+        self.run_combo.currentTextChanged.connect(self._on_run_chosen)
         self.clear_run_button = QPushButton("Clear run")
         self.clear_run_button.clicked.connect(self._on_clear_run_clicked)
         self.clear_all_button = QPushButton("Clear all")
@@ -447,10 +448,19 @@ class StreamWidget(QWidget):
         self.refresh_plate()
 
     # -- the plate map -------------------------------------------------------------------------
+    def chosen_run(self) -> str | None:
+        """The run chosen in the runs box; None for all runs."""
+        run = self.run_combo.currentText()
+        return None if run in ("", ALL_RUNS) else run
+
+    def _on_run_chosen(self, _run: str) -> None:
+        self.refresh_plate()
+        if self._res.overview is not None:
+            self._res.overview.schedule(0)
+
     def refresh_plate(self) -> None:
         """Redraw the plate map for the run chosen in the runs box (all runs: every well)."""
-        run = self.run_combo.currentText()
-        plate = self._assembler.plate_map(None if run in ("", ALL_RUNS) else run)
+        plate = self._assembler.plate_map(self.chosen_run())
         self.plate_box.setVisible(plate is not None)
         self.plate_map.set_plate(plate)
         if plate is None:
@@ -581,8 +591,7 @@ class StreamWidget(QWidget):
         self._assembler.set_modes({c: combo.currentText() for c, combo in self.mode_combos.items()})
 
     def _on_clear_run_clicked(self) -> None:
-        run = self.run_combo.currentText()
-        self.clear(None if run == ALL_RUNS else run)
+        self.clear(self.chosen_run())
 
     def clear(self, run: str | None = None) -> None:
         """Drop one run's layers (None: everything streamed) and apply it at once."""
