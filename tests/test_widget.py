@@ -648,3 +648,20 @@ def test_overview_fills_in_live_as_producers_stream(docked, qtbot, runtime_dir):
     assert widget.overview_button.isChecked()
     assert not any(viewer.layers[n.split(" overview")[0]].visible for n in
                    (layer.name for layer in shown.values()))
+
+
+def test_overview_follows_the_run_chosen_in_the_runs_box(docked, qtbot):
+    from _frames import put
+
+    viewer, widget = docked()
+    for run, well in (("r1", "A01"), ("r2", "B03")):
+        put(widget.assembler, plane_for(well, 1, "DAPI"), well=well, channel="DAPI", run=run)
+    widget.render_tick.tick()
+    widget.refresh_info()
+    assert widget.show_overview(True)
+    assert len(widget._res.overview.layers()) == 2
+    widget.run_combo.setCurrentText("r2")
+    qtbot.waitUntil(lambda: list(widget._res.overview.layers()) == ["DAPI · out [r2]"],
+                    timeout=5000)
+    assert [layer.name for layer in viewer.layers if layer.visible] == ["DAPI · out [r2] overview"]
+    assert widget.chosen_run() == "r2" and widget.plate_map.plate.cells  # the map agrees
