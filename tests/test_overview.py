@@ -321,3 +321,19 @@ def test_overview_of_the_chosen_run_hides_the_others(setup):
     assert sorted(s.overview.layers()) == sorted(n for n in s.render.streamed() if "run1" in n)
     assert s.overview.set_active(False)
     assert all(layer.visible for layer in s.viewer.layers) and len(s.viewer.layers) == 4
+
+
+@pytest.mark.gui
+def test_volume_items_show_the_plane_the_sliders_point_at(setup):
+    """A frame that is itself a z-stack (item axes z, y, x): its z is one more slider."""
+    s = setup
+    for well, base in (("A01", 10), ("B02", 20)):
+        volume = np.stack([plane(base + k) for k in range(3)])
+        put(s.assembler, volume, well=well, meta={"plate": PLATE})
+    s.render.tick()
+    s.viewer.dims.set_current_step(s.viewer.dims.ndim - 3, 2)  # the item's own z
+    assert s.overview.set_active(True)
+    (layer,) = s.overview.layers().values()
+    layout = tiling(4, 6, (32, 48))
+    assert tile_value(layer, layout, "A01").tolist() == [12]
+    assert tile_value(layer, layout, "B02").tolist() == [22]
