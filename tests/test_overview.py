@@ -337,3 +337,28 @@ def test_volume_items_show_the_plane_the_sliders_point_at(setup):
     layout = tiling(4, 6, (32, 48))
     assert tile_value(layer, layout, "A01").tolist() == [12]
     assert tile_value(layer, layout, "B02").tolist() == [22]
+
+
+@pytest.mark.gui
+def test_rgb_layers_get_an_rgb_overview(setup):
+    s = setup
+    from dataclasses import replace
+
+    from _frames import header
+
+    for well, colour in (("A01", (255, 0, 0)), ("C04", (0, 0, 255))):
+        image = np.zeros((32, 48, 3), np.uint8)
+        image[...] = colour
+        h = replace(header(image, well=well, source="brightfield", meta={"plate": PLATE}),
+                    rgb=True)
+        dest = s.assembler.destination(h)  # what the listener does
+        dest[...] = image
+        s.assembler.commit(h, dest)
+    s.render.tick()
+    assert s.overview.set_active(True)
+    (layer,) = s.overview.layers().values()
+    assert layer.rgb and layer.data.shape == (*tiling(4, 6, (32, 48)).shape, 3)
+    layout = tiling(4, 6, (32, 48))
+    for well, colour in (("A01", [255, 0, 0]), ("C04", [0, 0, 255])):
+        y, x = layout.origin(*parse_well(well))
+        assert layer.data[y + 5, x + 5].tolist() == colour
