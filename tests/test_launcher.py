@@ -73,6 +73,12 @@ def test_run_streams_exactly_the_persisted_outputs(viewer: ViewerManager, tmp_pa
     channels = {layer.get("channel") for layer in layers.values() if layer["kind"] == "image"}
     assert channels == {"DAPI", "GFP"}
     assert [layer["kind"] for layer in layers.values()].count("labels") == 1
+    # a plate montage, from the pipeline's side
+    assert viewer.overview() == {**viewer.overview(), "ok": True, "active": True}
+    reply = viewer.screenshot(tmp_path / "plate.png", canvas_only=True)
+    assert reply["ok"] and (tmp_path / "plate.png").stat().st_size > 0
+    assert viewer.overview(on=False)["active"] is False
+    assert not viewer.screenshot("relative.png")["ok"]
 
 
 def test_second_run_reuses_the_persistent_viewer(endpoint_name: str, tmp_path: Path):
@@ -181,8 +187,8 @@ def test_demo_unattended_screenshot(runtime_dir: Path, tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "napari_hcs_stream", "demo", "--endpoint", "demo-test",
          "--wells", "12", "--sites", "1", "--size", "128", "--workers", "2",
-         "--exit", "--overview", "--screenshot", str(shot)],
-        capture_output=True, text=True, timeout=240, env=dict(os.environ),
+         "--exit", "--overview", "--screenshot", shot.name],  # relative, as in the README
+        capture_output=True, text=True, timeout=240, env=dict(os.environ), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "denoise" in proc.stdout and "not streamed" in proc.stdout.lower()

@@ -210,10 +210,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"  layer {layer['name']:<32} {layer['frames']:>5} frames  "
                       f"shape {tuple(layer['shape'])}")
             if args.overview:
-                reply = manager.request("overview", timeout=60.0, on=True)
+                reply = manager.overview()
                 print(f"  plate overview: {'shown' if reply.get('ok') else reply.get('error')}")
             if args.screenshot:
-                reply = manager.request("screenshot", timeout=60.0, path=str(args.screenshot))
+                reply = manager.screenshot(Path(args.screenshot).resolve())
                 print(f"  screenshot: {reply.get('path') or reply.get('error')}")
             if args.exit:
                 manager.stop_viewer(force=True)

@@ -190,6 +190,18 @@ class ViewerManager:
     def state(self) -> dict[str, Any]:
         return self.request("state")
 
+    def overview(self, on: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+        """Show (or end) the viewer's plate overview, every well side by side: ``{"ok": true,
+        "active": ...}``, or ``ok: false`` with the reason when it has no plate to lay out."""
+        return self.request("overview", timeout=timeout, on=on)
+
+    def screenshot(self, path: str | Path, canvas_only: bool = False,
+                   timeout: float = 60.0) -> dict[str, Any]:
+        """Save a screenshot of the viewer to ``path`` (absolute; .png, .jpg or .tif, in a
+        folder that exists): ``{"ok": true, "path": ...}`` or ``ok: false`` with the reason."""
+        return self.request("screenshot", timeout=timeout, path=str(path),
+                            canvas_only=canvas_only)
+
     def stop_viewer(self, *, force: bool = False, timeout: float = 20.0) -> None:
         """Shut the viewer down unless it is persistent (``force``: shut it down anyway).
 
