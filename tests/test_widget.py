@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -665,3 +666,39 @@ def test_overview_follows_the_run_chosen_in_the_runs_box(docked, qtbot):
                     timeout=5000)
     assert [layer.name for layer in viewer.layers if layer.visible] == ["DAPI · out [r2] overview"]
     assert widget.chosen_run() == "r2" and widget.plate_map.plate.cells  # the map agrees
+
+
+def test_demo_button_streams_a_plate_into_this_viewer(docked, qtbot, runtime_dir):
+    """The demo's pipeline finds this viewer (it listens first) and launches no other."""
+    viewer, widget = docked()
+    widget.endpoint_edit.setText("try-it")
+    assert not widget.is_listening
+    assert widget.stream_demo("--wells", "12", "--sites", "1", "--size", "64",
+                              "--workers", "1")
+    qtbot.waitUntil(lambda: widget.demo_process is not None, timeout=20000)
+    assert widget.is_listening and widget.endpoint == "try-it"
+    assert not widget.demo_button.isEnabled()
+    assert not widget.stream_demo()  # one at a time
+    proc = widget.demo_process
+    qtbot.waitUntil(lambda: proc.poll() is not None, timeout=180000)
+    assert proc.returncode == 0, widget._demo_log.read_text()
+    out = widget._demo_log.read_text()
+    assert f"'try-it': reusing napari (pid {os.getpid()})" in out, out  # no second napari
+    state = widget.assembler.state()
+    assert {layer["frames"] for layer in state["layers"]} == {12}  # flushed before it exits
+    assert len(state["layers"]) == 5 and len(viewer.layers) == 5
+    qtbot.waitUntil(widget.demo_button.isEnabled, timeout=5000)
+    assert widget.demo_button.text() == "Stream a demo plate"
+
+
+def test_a_failing_demo_says_where_its_output_is(docked, qtbot, runtime_dir):
+    viewer, widget = docked()
+    listen(qtbot, widget, "try-bad")
+    assert widget.stream_demo("--wells", "7")  # not a plate format: the demo refuses
+    qtbot.waitUntil(lambda: widget.demo_process is not None
+                    and widget.demo_process.poll() is not None, timeout=60000)
+    qtbot.waitUntil(widget.demo_button.isEnabled, timeout=5000)
+    assert "the demo stopped with exit code" in widget.error_label.text()
+    assert str(widget._demo_log) in widget.error_label.text()
+    assert "n_wells" in widget._demo_log.read_text()
+    assert widget.is_listening and len(viewer.layers) == 0

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import QEvent, QSignalBlocker, Qt, QTimer
@@ -41,6 +43,7 @@ from ..assembler import DEFAULT_MODES, STACK_AXES, PlateAssembler
 from ..labels import human_bytes
 from . import _settings
 from ._counts import CountsTable
+from ._demo import DEMO_ARGS, spawn_demo
 from ._overview import PlateOverview
 from ._pacing import Pacer
 from ._platemap import PlateMapView
@@ -61,6 +64,9 @@ STATUS_WAIT_MS = 250
 #: listeners that did not stop in time: kept alive until they do (never destroyed running).
 _STUCK: list[ListenerThread] = []
 GIB = 1024**3
+DEMO_TEXT = "Stream a demo plate"
+#: how often the widget looks whether the demo process has finished (ms)
+DEMO_POLL_MS = 500
 #: why the plate overview cannot be shown
 NO_PLATE = ("No plate to show: no streamed layer has wells of a plate on a slider yet (wells "
             "shown as separate layers have none).")
@@ -137,6 +143,14 @@ class StreamWidget(QWidget):
         self._status_timer.setSingleShot(True)
         self._status_timer.setInterval(STATUS_WAIT_MS)
         self._status_timer.timeout.connect(self._show_status)
+        #: the demo pipeline process started from the widget, its log, and its arguments
+        self._demo: subprocess.Popen[bytes] | None = None
+        self._demo_log: Path | None = None
+        self._demo_args: tuple[str, ...] = DEMO_ARGS
+        self._demo_pending = False  # start it once listening
+        self._demo_timer = QTimer(self)
+        self._demo_timer.setInterval(DEMO_POLL_MS)
+        self._demo_timer.timeout.connect(self._check_demo)
         self._build_ui()
 
         self._res.render = RenderTick(napari_viewer, self._assembler, generation=self._counter.get,
@@ -274,6 +288,13 @@ class StreamWidget(QWidget):
             "(they stop following when you move one yourself)"
         )
         self.newest_button.clicked.connect(self.go_to_newest)
+        self.demo_button = QPushButton(DEMO_TEXT)
+        self.demo_button.setToolTip(
+            "Try it: a pipeline in a background process (napari-hcs-stream demo) streams a "
+            "synthetic 96-well plate (2 sites, 4 channels, 256x256) into this viewer. Starts "
+            "listening first if need be."
+        )
+        self.demo_button.clicked.connect(lambda: self.stream_demo())
 
         form = QFormLayout()
         form.addRow("Endpoint", row)
@@ -285,6 +306,7 @@ class StreamWidget(QWidget):
         limits.addWidget(self.keep_spin, 1)
         form.addRow("Memory cap", limits)
         form.addRow("Sliders", self.newest_button)
+        form.addRow("Demo", self.demo_button)
 
         self.mode_combos: dict[str, QComboBox] = {}
         modes_box = QGroupBox("New layers: each component as, and resolution")
@@ -384,8 +406,56 @@ class StreamWidget(QWidget):
         else:
             self.state_label.setText(f"Listening on {data}")
             self.state_label.setToolTip(f"data: {data}\ncontrol: {control}")
+        if self._demo_pending:
+            self._demo_pending = False
+            self._spawn_demo()
+
+    # -- the demo --------------------------------------------------------------------------------
+    def stream_demo(self, *args: str) -> bool:
+        """Stream a synthetic plate into this viewer from ``napari-hcs-stream demo`` in a
+        background process, listening first if need be; ``args`` go to the demo (default:
+        96 wells, 2 sites, 256x256). False while a demo started here is still running."""
+        if self._demo is not None and self._demo.poll() is None:
+            return False
+        self._demo_args = tuple(args) or DEMO_ARGS
+        listener = self.listener
+        if listener is not None and listener.address:
+            self._spawn_demo()
+        else:
+            self._demo_pending = True
+            self.start()
+        return True
+
+    def _spawn_demo(self) -> None:
+        listener = self.listener
+        try:
+            self._demo, self._demo_log = spawn_demo(
+                self.endpoint, self._demo_args, listener.viewer_key if listener else "")
+        except OSError as exc:
+            self.show_error(f"cannot start the demo: {exc}")
+            return
+        self.demo_button.setEnabled(False)
+        self.demo_button.setText("Demo streaming…")
+        self._demo_timer.start()
+
+    @property
+    def demo_process(self) -> subprocess.Popen[bytes] | None:
+        """The demo pipeline process started from the widget (if any)."""
+        return self._demo
+
+    def _check_demo(self) -> None:
+        demo = self._demo
+        if demo is None or demo.poll() is None:
+            return
+        self._demo_timer.stop()
+        self.demo_button.setEnabled(True)
+        self.demo_button.setText(DEMO_TEXT)
+        if demo.returncode != 0:
+            self.show_error(f"the demo stopped with exit code {demo.returncode}; its output "
+                            f"is in {self._demo_log}")
 
     def _on_failed(self, message: str) -> None:
+        self._demo_pending = False
         self.show_error(message)
 
     def _on_finished(self) -> None:
