@@ -26,7 +26,7 @@ import numpy as np
 from qtpy.QtCore import QTimer
 
 from ..overview import Tiling, fill_tiles, tiling
-from .overlay import STACK_NDIM
+from .overlay import STACK_NDIM, layer_step
 from .render import OwnRemoval
 
 log = logging.getLogger(__name__)
@@ -317,9 +317,7 @@ class PlateOverview:
         """The slider positions of a streamed layer's axes between the well axis and the plane
         (site, channel, t, z, ...): napari aligns layers on their trailing axes, and an RGB
         layer's colour axis is not a slider."""
-        dims = self._viewer.dims
-        offset = max(0, dims.ndim - source.ndim)
-        return tuple(int(i) for i in dims.current_step[offset + 1:offset + source.ndim - 2])
+        return layer_step(self._viewer.dims.current_step, source.ndim)[1:-2]
 
     def _on_slider(self, _event: object = None) -> None:
         """Another site, channel, z or t: rebuild soon. The well slider alone (which follows

@@ -176,13 +176,12 @@ class DimsLabelOverlay:
             return
         name, layer = target
         step = stack_step(self._viewer.dims.current_step, layer.ndim)
-        overview = self._overview is not None and self._overview.active
+        overview = self._overview if self._overview is not None and self._overview.active else None
         try:
-            if overview:
-                hovered = self._overview.hovered if self._overview is not None else None
+            if overview is not None:
                 rest = self._labels.label_text(name, step, skip=("well",))
                 self.text = " | ".join(filter(None, (
-                    OVERVIEW_TEXT, format_labels([("well", hovered)]), rest)))
+                    OVERVIEW_TEXT, format_labels([("well", overview.hovered)]), rest)))
             else:
                 self.text = self._labels.label_text(name, step)
         except (KeyError, IndexError, ValueError) as exc:  # layer cleared under our feet
@@ -202,14 +201,19 @@ class DimsLabelOverlay:
         self._backend.close()
 
 
-def stack_step(current_step: Sequence[int], layer_ndim: int) -> tuple[int, ...]:
-    """The layer's five stack indices from the viewer-wide slider position.
+def layer_step(current_step: Sequence[int], layer_ndim: int) -> tuple[int, ...]:
+    """The layer's own indices (one per layer axis) from the viewer-wide slider position.
 
     napari aligns layers on their trailing axes: a layer with fewer axes than the viewer (another
     user layer may have more) starts ``viewer ndim - layer ndim`` axes in.
     """
     offset = max(0, len(current_step) - layer_ndim)
-    step = tuple(int(i) for i in current_step[offset : offset + STACK_NDIM])
+    return tuple(int(i) for i in current_step[offset : offset + layer_ndim])
+
+
+def stack_step(current_step: Sequence[int], layer_ndim: int) -> tuple[int, ...]:
+    """The layer's five stack indices from the viewer-wide slider position."""
+    step = layer_step(current_step, layer_ndim)[:STACK_NDIM]
     return step + (0,) * (STACK_NDIM - len(step))
 
 
