@@ -337,7 +337,7 @@ def test_constructor_and_set_modes():
 
 def test_memory_cap_rejects_growth_but_existing_slots_keep_working():
     plane = 64 * 64 * 2
-    asm = PlateAssembler(max_bytes=5 * plane)
+    asm = PlateAssembler(max_bytes=5 * plane, coarsen=False)
     for i in range(5):
         put(asm, item(f"A0{i + 1}", shape=(64, 64)), i)
     # 4 wells' capacity + 1 more: doubling to 8 breaks the cap, so it grew to exactly 5
@@ -356,6 +356,58 @@ def test_memory_cap_rejects_growth_but_existing_slots_keep_working():
     asm.max_bytes = 100 * plane  # the widget raised the cap
     put(asm, item("A06", shape=(64, 64)), 6)
     assert asm.nbytes == 10 * plane
+    assert asm.coarsenings == 0 and asm.state()["lowered"] == []
+
+
+def test_at_the_memory_cap_a_run_halves_its_resolution_and_keeps_streaming():
+    plane = 64 * 64 * 2
+    asm = PlateAssembler(max_bytes=6 * plane)
+    rng = np.random.default_rng(1)
+    other = rng.integers(0, 4000, (64, 64), dtype=np.uint16)
+    put(asm, item("A01", shape=(64, 64), run="old"), other)  # another run: left as it is
+    sent: dict[tuple[str, int], np.ndarray] = {}
+    wells = [well_name(r, c) for r in range(8) for c in range(12)]
+    for i, well in enumerate(wells[:10]):
+        for channel in (0, 1):  # two layers in the group: both are lowered together
+            frame = rng.integers(0, 4000, (64, 64), dtype=np.uint16)
+            sent[(well, channel)] = frame
+            put(asm, item(well, channel=channel, shape=(64, 64), meta=NAMES if i == 0 else None),
+                frame)
+        assert asm.nbytes <= 6 * plane  # never past the cap, so never a rejected frame
+    assert asm.coarsenings >= 2  # 20 planes in under 5 of memory: 1/4 at least
+    u = by_name(asm.take_updates())
+    layer = u["DAPI · out [r1]"]
+    step = int(layer.scale[-1])
+    assert step >= 4 and layer.scale == (1, 1, 1, 1, 1, step, step)
+    assert layer.data.shape == (10, 1, 1, 1, 1, 64 // step, 64 // step)
+    for (well, channel), frame in sent.items():  # the first wells too, at the new resolution
+        data = u[("DAPI", "GFP")[channel] + " · out [r1]"].data
+        np.testing.assert_array_equal(data[wells.index(well), 0, 0, 0, 0], frame[::step, ::step])
+    assert u["out [old]"].scale is None and u["out [old]"].data.shape[-2:] == (64, 64)
+    np.testing.assert_array_equal(u["out [old]"].data[0, 0, 0, 0, 0], other)
+    assert {i.name: i.downsample for i in asm.layers()} == {
+        "out [old]": 1, "DAPI · out [r1]": step, "GFP · out [r1]": step}
+    assert asm.state()["lowered"] == ["r1"] and asm.state()["coarsen"] is True
+
+    # A lowered layer keeps taking frames; a frame already announced updates in place.
+    frame = rng.integers(0, 4000, (64, 64), dtype=np.uint16)
+    put(asm, item("A01", channel=0, shape=(64, 64)), frame)
+    (again,) = asm.take_updates()
+    assert not again.grew
+    np.testing.assert_array_equal(again.data[0, 0, 0, 0, 0], frame[::step, ::step])
+
+
+def test_coarsening_stops_at_the_coarsest_step_and_then_rejects():
+    asm = PlateAssembler(max_bytes=64 * 64 * 2)  # one full plane
+    labels = np.arange(64 * 64, dtype=np.int32).reshape(64, 64)
+    wells = [well_name(r, c) for r in range(32) for c in range(48)]
+    with pytest.raises(AssemblerFull, match="memory cap"):
+        for well in wells:  # 1/16 of a 64x64 int32 plane is 4x4: 128 wells in the cap
+            put(asm, item(well, kind="labels", dtype="int32", shape=(64, 64)), labels)
+    (u,) = asm.take_updates()
+    assert u.scale == (1, 1, 1, 1, 1, 16, 16) and asm.coarsenings == 4
+    assert u.data.shape[WELL] >= 100
+    np.testing.assert_array_equal(u.data[0, 0, 0, 0, 0], labels[::16, ::16])  # labels, exactly
 
 
 def test_default_cap_is_half_the_physical_memory():

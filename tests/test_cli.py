@@ -42,14 +42,15 @@ def test_demo_downsample_reaches_every_stream(tmp_path: Path):
 
 
 def test_status_reads_like_a_summary():
-    layer = {"name": "DAPI · out [r2]", "run": "r2", "frames": 6, "nbytes": 3 << 20}
+    layer = {"name": "DAPI · out [r2]", "run": "r2", "frames": 6, "nbytes": 3 << 20,
+             "downsample": 2}
     reply = {
         "ok": True, "protocol": [1, 0], "ready": True, "pid": 4242, "version": "0.1.0",
         "endpoint": "lab",
         "state": {
             "layers": [layer, {**layer, "name": "GFP · out [r2]"}], "frames": 12,
             "nbytes": 6 << 20, "max_bytes": 12 << 30, "runs": ["r2"], "keep_runs": 1,
-            "runs_dropped": 1, "downsample": 4,
+            "runs_dropped": 1, "downsample": 4, "lowered": ["r2"],
             "receiver": {"address": "ipc:///run/lab.data", "control_address": "ipc:///run/lab.ctl",
                          "last_error": "header is not JSON",
                          "producers": {"host:1:ab": {"received": 12, "dropped": 3, "torn": 1,
@@ -62,7 +63,7 @@ def test_status_reads_like_a_summary():
                                     "protocol 1.0, listening")
     assert "memory 6.0 MiB of 12.0 GiB in 2 layers (12 frames)" in text
     assert "keep runs: 1 (1 dropped); new layers at 1/4" in text
-    assert "run r2: 2 layers, 12 frames" in text
+    assert "run r2: 2 layers, 12 frames, 1/2 (lowered to fit the memory cap)" in text
     row = next(line for line in text.splitlines() if "host:1:ab" in line).split()
     assert row[1:5] == ["12", "3", "1", "2"] and row[5] == "0.2s" and row[6] == "(closed)"
     assert text.endswith("last error: header is not JSON")

@@ -303,6 +303,27 @@ def test_labels_and_downsampled_layers(setup):
     assert tile_value(layer, layout, "B02").tolist() == [5]
 
 
+def test_a_layer_lowered_at_the_memory_cap_gets_a_new_overview(setup):
+    s = setup
+    stream(s, wells=("A01", "B02"), sites=(1,))
+    assert s.overview.set_active(True)
+    name = next(n for n in s.overview.layers() if n.startswith("DAPI"))
+    assert tuple(s.overview.layers()[name].scale) == (1.0, 1.0)
+    s.assembler.max_bytes = s.assembler.nbytes  # full: the next well lowers the run
+    for channel in CHANNELS:
+        put(s.assembler, plane(value("C03", 1, channel)), well="C03", site=1, channel=channel,
+            meta={"plate": PLATE})
+    assert s.assembler.coarsenings >= 1
+    s.overview.refresh()  # before the render tick gave the layer its new scale
+    s.render.tick()
+    s.overview.refresh()
+    layer = s.overview.layers()[name]
+    layout = tiling(4, 6, (16, 24))  # the stack now holds every 2nd pixel
+    assert tuple(layer.scale) == (2.0, 2.0) and layer.data.shape == layout.shape
+    for well in ("A01", "B02", "C03"):
+        assert tile_value(layer, layout, well).tolist() == [value(well, 1, "DAPI")]
+
+
 @pytest.mark.gui
 def test_overview_of_the_chosen_run_hides_the_others(setup):
     s = setup

@@ -90,6 +90,29 @@ def test_user_contrast_and_colormap_survive_updates(viewer, assembler, tick):
     assert tick.user_set_contrast("DAPI · out [run1]")
 
 
+def test_a_layer_lowered_at_the_memory_cap_keeps_its_place_and_the_users_edits(viewer):
+    assembler = PlateAssembler(max_bytes=4 * 32 * 48 * 2, contrast_interval=0.0)
+    render = RenderTick(viewer, assembler, generation=lambda: 0)
+    try:
+        put(assembler, plane(100), well="A01", channel="DAPI")
+        render.tick()
+        layer = layer_named(viewer, "DAPI · out [run1]")
+        layer.colormap = "magma"  # the user
+        layer.scale = (1, 1, 1, 1, 1, 0.5, 0.5)  # the user's own units
+        extent = np.asarray(layer.extent.world)[:, -2:]
+        for i, well in enumerate(["A02", "A03", "A04", "A05", "A06"]):  # past the cap
+            put(assembler, plane(10 * (i + 2)), well=well, channel="DAPI")
+        render.tick()
+        assert assembler.coarsenings == 1
+        assert layer.data.shape == (6, 1, 1, 1, 1, 16, 24)
+        assert tuple(layer.scale[-2:]) == (1.0, 1.0)  # the user's 0.5, times the stream's 2
+        np.testing.assert_allclose(np.asarray(layer.extent.world)[:, -2:], extent, atol=1)
+        assert layer.colormap.name == "magma"
+        assert int(layer.data[0, 0, 0, 0, 0, 3, 3]) == 100 and int(layer.data[5].max()) == 60
+    finally:
+        render.close()
+
+
 def test_contrast_follows_the_assembler_until_the_user_touches_it(viewer, assembler, tick):
     put(assembler, plane(100), well="A01")
     tick.tick()

@@ -275,6 +275,30 @@ def test_resolution_downsamples_new_layers_in_full_resolution_coordinates(docked
     assert widget.assembler.layers()[0].downsample == 4
 
 
+def test_a_run_past_the_memory_cap_is_lowered_and_nothing_is_rejected(docked, qtbot,
+                                                                       runtime_dir):
+    viewer, widget = docked()
+    frame = np.random.default_rng(2).integers(0, 4000, (64, 64), dtype=np.uint16)
+    widget.assembler.max_bytes = 6 * frame.nbytes  # six full planes; the run sends sixteen
+    listen(qtbot, widget, "capped")
+    wells = [f"{row}{col:02d}" for row in "AB" for col in range(1, 9)]
+    with Publisher("capped", run="big", producer="p", connect_timeout=10) as pub:
+        for well in wells:
+            pub.publish(frame, well=well, channel="DAPI")
+        qtbot.waitUntil(lambda: len(viewer.layers) == 1
+                        and viewer.layers[0].data.shape[0] == len(wells), timeout=10000)
+    layer = viewer.layers[0]
+    step = int(layer.scale[-1])
+    assert step == 2 and layer.data.shape[-2:] == (32, 32)  # 16 planes at 1/4 the size
+    for i in (0, len(wells) - 1):  # the first well, lowered after it came, and the last
+        np.testing.assert_array_equal(layer.data[i, 0, 0, 0, 0], frame[::step, ::step])
+    qtbot.waitUntil(lambda: widget.counts.rows.get("total", {}).get("received") == len(wells),
+                    timeout=5000)
+    assert widget.counts.rows["total"]["rejected"] == 0 and widget.error_label.text() == ""
+    widget.refresh_info()
+    assert "lower resolution to fit the cap: big" in widget.memory_label.text()
+
+
 def test_keep_runs_from_the_environment_wins(docked, monkeypatch, caplog):
     monkeypatch.setenv("NAPARI_HCS_STREAM_KEEP_RUNS", "3")
     _viewer, widget = docked()

@@ -84,6 +84,9 @@ _ROUTES_CAP = 1 << 16
 #: With ``keep_runs`` set, an older run is dropped only once it has sent nothing for this long
 #: (two runs streaming at once never take turns dropping each other).
 RUN_QUIET_S = 5.0
+#: At the memory cap a run's layers halve their resolution, down to every this-many-th pixel,
+#: before frames are rejected (:attr:`PlateAssembler.coarsen`).
+COARSEST = 16
 #: Full-size buffers kept for downsampled layers (one per frame shape and dtype).
 _SCRATCH_CAP = 8
 
@@ -197,6 +200,15 @@ def _every(step: int, ndim: int, rgb: bool) -> tuple[slice, ...]:
     return tuple(slice(None, None, step) if i in axes else slice(None) for i in range(ndim))
 
 
+def _scale(step: int, ndim: int, rgb: bool) -> tuple[float, ...] | None:
+    """napari ``scale`` of a stack whose items keep every ``step``-th row and column, so
+    that it stays in full-resolution pixel coordinates (``None``: full resolution)."""
+    if step == 1:
+        return None
+    axes = _image_axes(ndim, rgb)
+    return (1.0,) * _N + tuple(float(step) if i in axes else 1.0 for i in range(ndim))
+
+
 def _check_keep_runs(value: object) -> int:
     return _whole(value, "keep_runs must be a whole number >= 0 (0: keep every run)", 0)
 
@@ -252,8 +264,11 @@ class _Group:
     first_signature: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     #: assembler clock of this group's newest frame (of its creation, before any)
     last_seen: float = 0.0
-    #: its layers keep every ``step``-th pixel along the image axes (fixed at creation)
+    #: its layers keep every ``step``-th pixel along the image axes (set at creation, and
+    #: doubled when the memory cap is reached: :meth:`PlateAssembler._coarsen_group`)
     step: int = 1
+    #: the step was raised to stay under the memory cap
+    lowered: bool = False
 
     def merge_meta(self, meta: Mapping[str, Any]) -> None:
         names = meta.get("channel_names")
@@ -321,11 +336,7 @@ class _Layer:
             self.colormap = "gray" if channel is None else group.colormap_for(channel)
         self.blending = "additive" if channel_layer else "translucent"
         self.axis_labels = STACK_AXES + _item_axes(len(header.shape), header.rgb)
-        self.scale: tuple[float, ...] | None = None
-        if group.step > 1:
-            axes = _image_axes(len(header.shape), header.rgb)
-            self.scale = (1.0,) * _N + tuple(float(group.step) if i in axes else 1.0
-                                             for i in range(len(header.shape)))
+        self.scale = _scale(group.step, len(header.shape), header.rgb)
 
     @property
     def channel(self) -> str | int | None:
@@ -385,17 +396,21 @@ class PlateAssembler:
     (see :mod:`napari_hcs_stream._prefault`), so the listener does not pay the page faults.
     ``keep_runs``: keep only the newest runs this many (0: all); see :attr:`keep_runs`.
     ``downsample``: keep every n-th pixel along the image axes of new layers; see
-    :attr:`downsample`.
+    :attr:`downsample`. ``coarsen``: at the memory cap, lower the resolution of the run that
+    needs more memory instead of rejecting its frames; see :attr:`coarsen`.
     """
 
     def __init__(self, modes: Mapping[str, Mode | str] | None = None,
                  max_bytes: int | None = None, *, clock: Callable[[], float] = time.monotonic,
                  contrast_interval: float = 1.0, prefault: bool = True,
-                 keep_runs: int = 0, downsample: int = 1) -> None:
+                 keep_runs: int = 0, downsample: int = 1, coarsen: bool = True) -> None:
         self._modes = {**DEFAULT_MODES, **_parse_modes(modes or {}, "modes")}
         self._downsample = _check_downsample(downsample, "downsample")
         self._max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self._keep_runs = _check_keep_runs(keep_runs)
+        self.coarsen = coarsen
+        #: times a group's resolution was halved at the memory cap
+        self.coarsenings = 0
         #: runs dropped so far because newer ones arrived (``keep_runs``)
         self.runs_dropped = 0
         self._clock = clock
@@ -479,6 +494,19 @@ class PlateAssembler:
         value = _check_downsample(value, "downsample")
         with self._lock:
             self._downsample = value
+
+    @property
+    def coarsen(self) -> bool:
+        """What happens when a layer needs memory past :attr:`max_bytes`: ``True`` (the
+        default) halves the resolution of every layer of that ``(run, source)``, their
+        frames so far included, as often as needed down to every :data:`COARSEST`-th pixel,
+        and keeps streaming; only past that are frames rejected. ``False``: reject at once.
+        Each halving is logged, and ``state()["lowered"]`` names the runs it happened to."""
+        return self._coarsen
+
+    @coarsen.setter
+    def coarsen(self, value: bool) -> None:
+        self._coarsen = bool(value)
 
     @property
     def modes(self) -> dict[str, Mode]:
@@ -629,7 +657,13 @@ class PlateAssembler:
                                 self._routes.clear()
                             self._routes[rkey] = (key, slot_index)
                         break
-                    new_shape = self._grown_shape(layer, idx, header, item)
+                    coarser = None
+                    try:
+                        new_shape = self._grown_shape(layer, idx, header, item)
+                    except AssemblerFull:
+                        if not (self._coarsen and group.step * 2 <= COARSEST):
+                            raise
+                        coarser = self._coarsening_plan(group)
                     old = layer.stack if layer is not None else None
                     slots = list(layer.slots) if layer is not None else []
                     dense = layer is not None and len(slots) == math.prod(layer.used)
@@ -637,6 +671,9 @@ class PlateAssembler:
                     generation = self._generation
                     reserve = self._max_bytes
                     outer = layer.outer if layer is not None else 0
+                if coarser is not None:  # lower the group's resolution, then route again
+                    self._coarsen_group(group, generation, coarser)
+                    continue
                 # Growth along the axis outermost in memory (the wells, to begin with): the
                 # same memory, longer, every slot already in place. Anything else: new memory
                 # (lazy pages: no RSS until written) laid out with the axis that grew outermost,
@@ -680,6 +717,49 @@ class PlateAssembler:
             with self._lock:
                 self._handoff = (header, layer, slot_index, view, new_slot)
             return view if group.step == 1 else self._scratch_for(header)
+
+    def _coarsening_plan(self, group: _Group) -> list[tuple[_Layer, np.ndarray, bool]]:
+        """The group's layers, their stacks, and whether every slot of their used extent
+        was handed out (``_lock`` held): what :meth:`_coarsen_group` copies."""
+        return [(layer, layer.stack, len(layer.slots) == math.prod(layer.used))
+                for layer in self._layers.values() if layer.group is group]
+
+    def _coarsen_group(self, group: _Group, generation: int,
+                       plan: list[tuple[_Layer, np.ndarray, bool]]) -> None:
+        """Halve the resolution of every layer of ``group`` (``_write_lock`` held): each
+        stack is replaced by one keeping every other row and column of it, a quarter of its
+        size, so the group keeps streaming under the memory cap instead of rejecting frames.
+        The copies run outside ``_lock``, as growth copies do."""
+        stacks = []
+        for layer, old, dense in plan:
+            item = _reduced(old.shape[_N:], layer.rgb, 2)
+            stack = _stackmem.zeros(old.shape[:_N] + item, old.dtype, self._max_bytes,
+                                    layer.outer)
+            used = tuple(slice(0, u) for u in layer.used)
+            every = _every(2, old.ndim, layer.rgb)
+            if dense:
+                stack[used] = old[used][every]
+            else:
+                for slot_index in list(layer.slots):
+                    stack[slot_index] = old[slot_index][every[_N:]]
+            stacks.append(stack)
+        with self._lock:
+            if generation != self._generation:
+                return  # cleared meanwhile: nothing left to coarsen
+            group.step *= 2
+            group.lowered = True
+            for (layer, old, _dense), stack in zip(plan, stacks, strict=True):
+                self._nbytes += stack.nbytes - old.nbytes
+                layer.stack, layer.item_shape, layer.view = stack, stack.shape[_N:], None
+                layer.memory = _stackmem.memory(stack)
+                layer.scale = _scale(group.step, len(layer.item_shape), layer.rgb)
+                layer.dirty_steps = None  # every plane changed
+                self._dirty[layer.key] = layer
+            self._handoff = None
+            self.coarsenings += 1
+            cap, held = self._max_bytes, self._nbytes
+        log.warning("run %r, %s: resolution lowered to 1/%d to stay under the memory cap of %s "
+                    "(%s held)", group.run, group.source, group.step, _gib(cap), _gib(held))
 
     def _scratch_for(self, header: FrameHeader) -> np.ndarray:
         """A full-size buffer for a downsampled layer's frame (``_write_lock`` held): the
@@ -899,11 +979,12 @@ class PlateAssembler:
             runs = list(dict.fromkeys(group.run for group in self._groups.values()))
             plates = dict(self._plates)
             nbytes, cap = self._nbytes, self._max_bytes
+            lowered = list(dict.fromkeys(g.run for g in self._groups.values() if g.lowered))
         layers = [{**asdict(info), "shape": list(info.shape)} for info in infos]
         return {"layers": layers, "frames": sum(i.frames for i in infos), "nbytes": nbytes,
                 "max_bytes": cap, "runs": runs, "plates": plates,
                 "keep_runs": self._keep_runs, "runs_dropped": self.runs_dropped,
-                "downsample": self._downsample}
+                "downsample": self._downsample, "coarsen": self._coarsen, "lowered": lowered}
 
     def clear(self, run: str | None = None) -> int:
         """Drop one run's layers (or all, and the index maps); returns how many were dropped.

@@ -88,8 +88,11 @@ def format_status(reply: dict[str, Any]) -> str:
         f"{'full resolution' if step == 1 else f'1/{step}'}")
     for run in state.get("runs") or []:
         mine = [la for la in layers if la.get("run") == run]
+        steps = sorted({la.get("downsample") or 1 for la in mine} - {1})
+        lowered = " (lowered to fit the memory cap)" if run in (state.get("lowered") or []) else ""
         lines.append(f"  run {run}: {len(mine)} layers, "
-                     f"{sum(la.get('frames', 0) for la in mine)} frames")
+                     f"{sum(la.get('frames', 0) for la in mine)} frames"
+                     f"{''.join(f', 1/{s}' for s in steps)}{lowered}")
     producers = receiver.get("producers") or {}
     if producers:
         lines.append(f"  {'producer':<28} {'received':>9} {'dropped':>8} {'torn':>5} "

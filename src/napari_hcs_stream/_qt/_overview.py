@@ -202,8 +202,10 @@ class PlateOverview:
         rest = self._rest(source)
         shape = layout.shape + stack.shape[stack.ndim - 1:] if rgb else layout.shape
         entry = self._entries.get(name)
+        scale = _scale(source, layout.step, rgb)  # the layer's own changes at the memory cap
         if (entry is not None and entry.layout == layout and entry.layer.data.shape == shape
-                and entry.layer.data.dtype == stack.dtype):  # draw into the mosaic shown
+                and entry.layer.data.dtype == stack.dtype
+                and tuple(entry.layer.scale[-2:]) == scale):  # draw into the mosaic shown
             fresh, data = False, entry.layer.data
             drawn = entry.drawn if entry.rest == rest else {}  # another plane: every well
         else:
@@ -217,8 +219,8 @@ class PlateOverview:
         if entry is None:
             entry = self._add(name, source, data, layout, rest)
         elif fresh:
+            entry.layer.scale = scale
             entry.layer.data = data
-            entry.layer.scale = _scale(source, layout.step, rgb)
         elif written:
             entry.layer.refresh()
         entry.layout, entry.rest, entry.drawn = layout, rest, drawn

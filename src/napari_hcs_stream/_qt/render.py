@@ -60,6 +60,8 @@ class _Streamed:
     user_contrast: bool = False
     setting_contrast: bool = False
     thumbnail_at: float = 0.0
+    #: the ``scale`` the stream gave the layer (``None``: full resolution)
+    scale: tuple[float, ...] | None = None
     connections: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
 
 
@@ -201,7 +203,7 @@ class RenderTick(QObject):
                 continue
             streamed = self._layers[update.name]
             if update.grew:
-                self._reassign(streamed, update.data)
+                self._reassign(streamed, update.data, update.scale)
             self._refine_contrast(streamed, update.contrast_limits)
             if self._follow(update, new=False):
                 moved = True
@@ -232,7 +234,7 @@ class RenderTick(QObject):
             if update.contrast_limits is not None:
                 kwargs["contrast_limits"] = tuple(update.contrast_limits)
             layer = self._viewer.add_image(update.data, rgb=bool(update.rgb), **kwargs)
-        streamed = _Streamed(layer)
+        streamed = _Streamed(layer, scale=tuple(update.scale) if update.scale else None)
         if hasattr(layer.events, "contrast_limits"):
             slot = self._contrast_watcher(streamed)
             layer.events.contrast_limits.connect(slot)
@@ -246,12 +248,23 @@ class RenderTick(QObject):
 
         return on_contrast
 
-    def _reassign(self, streamed: _Streamed, data: Any) -> None:
+    def _reassign(self, streamed: _Streamed, data: Any,
+                  scale: Sequence[float] | None = None) -> None:
+        """New data for a layer (its stack grew, or its resolution was lowered at the memory
+        cap, which also changes its ``scale``), keeping what the user set."""
         layer = streamed.layer
         kept = {k: getattr(layer, k) for k in _KEPT if hasattr(layer, k)}
         contrast = getattr(layer, "contrast_limits", None)
         streamed.setting_contrast = True
         try:
+            scale = tuple(scale) if scale is not None else None
+            if scale != streamed.scale and layer.ndim == data.ndim:
+                # by the ratio of the stream's scales: a scale the user set (microns) stays
+                before = streamed.scale or (1.0,) * data.ndim
+                after = scale or (1.0,) * data.ndim
+                layer.scale = tuple(u * a / b for u, a, b in
+                                    zip(layer.scale, after, before, strict=True))
+                streamed.scale = scale
             layer.data = data
             if contrast is not None and list(layer.contrast_limits) != list(contrast):
                 layer.contrast_limits = contrast

@@ -268,8 +268,9 @@ class StreamWidget(QWidget):
         self.cap_spin.setSuffix(" GiB")
         self.cap_spin.setValue(self._assembler.max_bytes / GIB)
         self.cap_spin.setToolTip(
-            "Most memory streamed layers may take; past it new frames are rejected (clear a "
-            "run to make room). Applies to the next allocation."
+            "Most memory streamed layers may take. A run that needs more is shown at half its "
+            "resolution (again, down to 1/16), its earlier frames too; only past that are its "
+            "frames rejected. Clear a run to make room. Applies to the next allocation."
         )
         self.cap_spin.valueChanged.connect(self._on_cap_changed)
         self.keep_spin = QSpinBox()
@@ -506,7 +507,11 @@ class StreamWidget(QWidget):
         layers = len(self._res.render.streamed()) if self._res.render else 0
         dropped = int(state.get("runs_dropped", 0))
         older = f"; {dropped} older run{'s' * (dropped != 1)} dropped" if dropped else ""
+        lowered = [str(r) for r in state.get("lowered", ())]
+        if lowered:  # the memory cap lowered their resolution
+            older += f"; lower resolution to fit the cap: {', '.join(lowered)}"
         self.memory_label.setText(f"{human_bytes(state['nbytes'])} in {layers} layers{older}")
+        self.memory_label.setToolTip(self.memory_label.text())
         runs = [str(r) for r in state["runs"]]
         current = [self.run_combo.itemText(i) for i in range(1, self.run_combo.count())]
         if runs != current:
