@@ -926,6 +926,60 @@ def test_a_time_lapse_copies_once_then_grows_along_time_in_place(asm):
     asm.commit(item("A02", site=1, t=3, shape=BIG), dest)
 
 
+@pytest.mark.parametrize(("outer", "item_shape", "rgb"), [
+    (0, (256, 512), False),  # wells outermost, as a stack starts
+    (3, (255, 511), False),  # time outermost (a time-lapse), odd sizes round up
+    (0, (128, 170, 3), True),  # colours are kept
+])
+def test_lowering_a_stack_moves_its_items_within_its_own_memory(outer, item_shape, rgb):
+    from napari_hcs_stream import _stackmem
+    from napari_hcs_stream.assembler import _every, _reduced
+
+    lead = (6, 2, 1, 3, 1)
+    old = _stackmem.zeros(lead + item_shape, np.uint16, 1 << 30, outer)
+    rng = np.random.default_rng(outer)
+    slots = {(w, s, 0, t, 0) for w in range(5) for s in range(2) for t in range(3)
+             if (w + s + t) % 3}  # sparse, and the first item is not written
+    items = {}
+    for slot in slots:
+        items[slot] = rng.integers(1, 60000, item_shape, dtype=np.uint16)
+        old[slot] = items[slot]
+    keep = _every(2, len(item_shape), rgb)
+    shape = lead + _reduced(item_shape, rgb, 2)
+    new = _stackmem.shrink_in_place(old, shape, outer, keep, slots)
+    assert new is not None and np.shares_memory(new, old) and new.shape == shape
+    assert new.ctypes.data == _stackmem.memory(old).ctypes.data  # the same memory, from its start
+    for slot in np.ndindex(*lead):
+        if slot in items:
+            np.testing.assert_array_equal(new[slot], items[slot][keep])
+        else:
+            assert not new[slot].any(), slot  # blank, though other items' bytes were there
+    mm = _stackmem.memory(new).base
+    past = np.frombuffer(mm, np.uint8, old.nbytes - new.nbytes, new.nbytes)
+    assert not past.any()  # given back: blank for a growth in place along the outer axis
+    bigger = list(shape)
+    bigger[outer] *= 2
+    grown = _stackmem.grow_in_place(new, tuple(bigger), outer)
+    fresh = (slice(None),) * outer + (slice(lead[outer], None),)
+    assert grown is not None and not grown[fresh].any()
+    assert _stackmem.shrink_in_place(np.zeros(lead + item_shape, np.uint16), shape, 0, keep,
+                                     slots) is None  # a plain array: the caller copies
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux /proc")
+def test_lowering_a_run_at_the_cap_gives_its_memory_back():
+    frame = 256 * 512 * 2
+    asm = PlateAssembler(max_bytes=48 * frame, prefault=False)
+    for i, well in enumerate(_wells(48)):
+        put(asm, item(well, shape=BIG), i + 1)
+    assert asm.coarsenings == 0
+    before = _rss()
+    put(asm, item("E01", shape=BIG), 49)  # past the cap: 49 wells at a quarter of the size
+    assert asm.coarsenings == 1 and _stack(asm).shape[-2:] == (128, 256)
+    assert before - _rss() > 20 * frame  # about 36 frames' worth is freed
+    assert [int(_stack(asm)[i, 0, 0, 0, 0, 5, 5]) for i in (0, 47, 48)] == [1, 48, 49]
+
+
 def test_any_arrival_order_keeps_every_frame_where_it_belongs():
     """Random arrival orders over wells, sites, time and z, with frames big enough for the
     reserved (in-place and relaid-out) stacks: every slot holds its latest frame."""

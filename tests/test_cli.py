@@ -16,6 +16,9 @@ def test_viewer_keep_runs_and_demo_downsample_are_parsed():
     parser = build_parser()
     assert parser.parse_args(["viewer", "--keep-runs", "3"]).keep_runs == 3
     assert parser.parse_args(["viewer"]).keep_runs is None  # the plugin setting decides
+    assert parser.parse_args(["viewer", "--memory-cap", "1.5"]).memory_cap == 1.5
+    assert parser.parse_args(["viewer", "--memory-cap", "0"]).memory_cap == 0
+    assert parser.parse_args(["viewer"]).memory_cap is None
     assert parser.parse_args(["demo", "--downsample", "4"]).downsample == 4
     assert parser.parse_args(["demo"]).downsample is None
 
@@ -23,6 +26,8 @@ def test_viewer_keep_runs_and_demo_downsample_are_parsed():
 @pytest.mark.parametrize(("argv", "message"), [
     (["viewer", "--keep-runs", "-1"], "expected a whole number >= 0, got '-1'"),
     (["viewer", "--keep-runs", "lots"], "expected a whole number >= 0, got 'lots'"),
+    (["viewer", "--memory-cap", "0.1"], "or a number of GiB from 0.25, got '0.1'"),
+    (["viewer", "--memory-cap", "nan"], "or a number of GiB from 0.25, got 'nan'"),
     (["demo", "--downsample", "0"], "expected a whole number from 1 to 64, got '0'"),
     (["demo", "--downsample", "65"], "expected a whole number from 1 to 64, got '65'"),
 ])

@@ -138,16 +138,18 @@ def test_concurrent_start_viewer_launches_one(endpoint_name: str):
 
 
 def test_viewer_command_keep_runs_reaches_the_widget(endpoint_name: str):
-    """``napari-hcs-stream viewer --keep-runs N``: the launched widget keeps N runs."""
+    """``napari-hcs-stream viewer --keep-runs N --memory-cap GIB``: the launched widget keeps
+    N runs within that memory."""
     env = {**os.environ, "NAPARI_HCS_STREAM_OWNED": "1"}  # a shutdown request closes it
     cmd = [sys.executable, "-m", "napari_hcs_stream", "viewer", "--endpoint", endpoint_name,
-           "--keep-runs", "2"]
+           "--keep-runs", "2", "--memory-cap", "1.5"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manager = ViewerManager(endpoint_name)
     try:
         wait_until(manager.ping, timeout=120, message="the viewer answers")
         state = manager.state()
         assert state["keep_runs"] == 2 and state["runs_dropped"] == 0
+        assert state["max_bytes"] == 3 << 29 and state["coarsen"] is True
         status = subprocess.run(  # what a person sees, from another terminal
             [sys.executable, "-m", "napari_hcs_stream", "status", "--endpoint", endpoint_name],
             capture_output=True, text=True, timeout=60, env=dict(os.environ))

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QApplication
 
 from _producers import CHANNELS, plane_for, start_producers, value_of
 from napari_hcs_stream._qt.widget import StreamWidget
+from napari_hcs_stream.assembler import default_max_bytes
 from napari_hcs_stream.control import ControlClient
 from napari_hcs_stream.endpoints import lookup_endpoint
 from napari_hcs_stream.publisher import Publisher
@@ -297,6 +298,25 @@ def test_a_run_past_the_memory_cap_is_lowered_and_nothing_is_rejected(docked, qt
     assert widget.counts.rows["total"]["rejected"] == 0 and widget.error_label.text() == ""
     widget.refresh_info()
     assert "lower resolution to fit the cap: big" in widget.memory_label.text()
+
+
+def test_memory_cap_is_remembered_and_the_environment_wins(docked, monkeypatch, caplog,
+                                                          private_plugin_settings):
+    _viewer, widget = docked()
+    assert widget.assembler.max_bytes == default_max_bytes()  # the setting's 0: the default
+    assert not widget.cap_spin.keyboardTracking()
+    widget.cap_spin.setValue(2.5)
+    assert widget.assembler.max_bytes == 5 << 29
+    assert "memory_cap_gib: 2.5" in (private_plugin_settings / "napari-hcs-stream.yaml").read_text()
+    _viewer, widget = docked()  # the next widget starts from the remembered cap
+    assert widget.assembler.max_bytes == 5 << 29 and widget.cap_spin.value() == 2.5
+    monkeypatch.setenv("NAPARI_HCS_STREAM_MEMORY_CAP", "1")
+    _viewer, widget = docked()
+    assert widget.assembler.max_bytes == 1 << 30
+    monkeypatch.setenv("NAPARI_HCS_STREAM_MEMORY_CAP", "a lot")
+    _viewer, widget = docked()
+    assert widget.assembler.max_bytes == default_max_bytes()
+    assert "ignoring memory_cap_gib='a lot'" in caplog.text
 
 
 def test_keep_runs_from_the_environment_wins(docked, monkeypatch, caplog):

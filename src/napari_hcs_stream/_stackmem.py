@@ -27,6 +27,7 @@ import logging
 import math
 import mmap
 import sys
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -106,3 +107,55 @@ def reserved(stack: np.ndarray) -> int:
     """Bytes of address space behind ``stack`` if it can grow in place, else 0."""
     mm = memory(stack).base
     return len(mm) if isinstance(mm, mmap.mmap) else 0
+
+
+def shrink_in_place(old: np.ndarray, shape: tuple[int, ...], outer: int,
+                    keep: tuple[slice, ...], slots: Iterable[tuple[int, ...]]) -> np.ndarray | None:
+    """``old`` with each item cut to ``item[keep]``, over the same memory; None unless ``old``
+    is over a mapping in its own layout (then the caller copies into new memory).
+
+    ``shape``: the new stack's (the same leading axes, the item axes as ``keep`` leaves them;
+    ``keep`` indexes one item). ``slots``: the leading indices of the items written so far;
+    every other item of the result is blank. Fresh memory costs the development VM several ms
+    per 2 MiB to touch, and a copy of a whole plate into it stalled the listener for seconds
+    (a 1 GiB stack: 0.77 s, the copy itself 0.1 s). Here items move toward the start of the
+    memory, in memory order: item ``i`` lands below where item ``i`` started (its old place
+    only for the first item, which is copied out first), so nothing is overwritten before it
+    is read. The memory past the new end is given back to the system (``MADV_DONTNEED``),
+    which also leaves it blank for later growth in place.
+
+    Views of ``old`` see the moved bytes, not ``old``'s items, from the first write on:
+    readers must switch to the result (napari redraws a frame later)."""
+    base = memory(old)
+    mm = base.base
+    order = _order(old.ndim, outer)
+    lead = old.ndim - len(keep)
+    if (not isinstance(mm, mmap.mmap) or len(shape) != old.ndim or outer >= lead
+            or base.shape != tuple(old.shape[a] for a in order)
+            or not base.flags.c_contiguous or tuple(shape[:lead]) != old.shape[:lead]):
+        return None
+    new = _over(mm, shape, old.dtype, outer)
+    src = base.reshape((-1, *base.shape[lead:]))
+    dst = memory(new).reshape((-1, *memory(new).shape[lead:]))
+    src_bytes, dst_bytes = src[0].nbytes, dst[0].nbytes
+    capacity = tuple(old.shape[a] for a in order[:lead])
+    written = {int(np.ravel_multi_index(tuple(s[a] for a in order[:lead]), capacity))
+               for s in slots}
+    for i in range(len(dst)):
+        if i in written:
+            dst[i] = src[i][keep].copy() if i == 0 else src[i][keep]
+        elif any(j in written for j in {i * dst_bytes // src_bytes,
+                                        ((i + 1) * dst_bytes - 1) // src_bytes}):
+            dst[i] = 0  # an item never written, over bytes of one that was
+    high = (max(written) + 1) * src_bytes if written else 0
+    start = -(-new.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = min(len(mm), -(-high // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if stop > start:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (OSError, ValueError, AttributeError):
+            np.frombuffer(mm, np.uint8, stop - start, start)[:] = 0
+    end = min(start, len(mm))  # the rest of the last page
+    if end > new.nbytes:
+        np.frombuffer(mm, np.uint8, end - new.nbytes, new.nbytes)[:] = 0
+    return new

@@ -84,6 +84,8 @@ _ROUTES_CAP = 1 << 16
 #: With ``keep_runs`` set, an older run is dropped only once it has sent nothing for this long
 #: (two runs streaming at once never take turns dropping each other).
 RUN_QUIET_S = 5.0
+#: The smallest memory cap (GiB) the widget, the settings and ``viewer --memory-cap`` take.
+MIN_CAP_GIB = 0.25
 #: At the memory cap a run's layers halve their resolution, down to every this-many-th pixel,
 #: before frames are rejected (:attr:`PlateAssembler.coarsen`).
 COARSEST = 16
@@ -672,7 +674,7 @@ class PlateAssembler:
                     reserve = self._max_bytes
                     outer = layer.outer if layer is not None else 0
                 if coarser is not None:  # lower the group's resolution, then route again
-                    self._coarsen_group(group, generation, coarser)
+                    self._coarsen_group(group, coarser)
                     continue
                 # Growth along the axis outermost in memory (the wells, to begin with): the
                 # same memory, longer, every slot already in place. Anything else: new memory
@@ -724,7 +726,7 @@ class PlateAssembler:
         return [(layer, layer.stack, len(layer.slots) == math.prod(layer.used))
                 for layer in self._layers.values() if layer.group is group]
 
-    def _coarsen_group(self, group: _Group, generation: int,
+    def _coarsen_group(self, group: _Group,
                        plan: list[tuple[_Layer, np.ndarray, bool]]) -> None:
         """Halve the resolution of every layer of ``group`` (``_write_lock`` held): each
         stack is replaced by one keeping every other row and column of it, a quarter of its
@@ -732,23 +734,26 @@ class PlateAssembler:
         The copies run outside ``_lock``, as growth copies do."""
         stacks = []
         for layer, old, dense in plan:
-            item = _reduced(old.shape[_N:], layer.rgb, 2)
-            stack = _stackmem.zeros(old.shape[:_N] + item, old.dtype, self._max_bytes,
-                                    layer.outer)
-            used = tuple(slice(0, u) for u in layer.used)
+            shape = old.shape[:_N] + _reduced(old.shape[_N:], layer.rgb, 2)
             every = _every(2, old.ndim, layer.rgb)
-            if dense:
-                stack[used] = old[used][every]
-            else:
-                for slot_index in list(layer.slots):
-                    stack[slot_index] = old[slot_index][every[_N:]]
+            # In the stack's own memory where it can be: no fresh memory to touch. The layer
+            # napari shows reads the moved bytes until the next render tick reassigns it.
+            stack = _stackmem.shrink_in_place(old, shape, layer.outer, every[_N:], layer.slots)
+            if stack is None:
+                stack = _stackmem.zeros(shape, old.dtype, self._max_bytes, layer.outer)
+                used = tuple(slice(0, u) for u in layer.used)
+                if dense:
+                    stack[used] = old[used][every]
+                else:
+                    for slot_index in list(layer.slots):
+                        stack[slot_index] = old[slot_index][every[_N:]]
             stacks.append(stack)
         with self._lock:
-            if generation != self._generation:
-                return  # cleared meanwhile: nothing left to coarsen
             group.step *= 2
             group.lowered = True
             for (layer, old, _dense), stack in zip(plan, stacks, strict=True):
+                if self._layers.get(layer.key) is not layer:
+                    continue  # its run was cleared meanwhile (only this thread adds layers)
                 self._nbytes += stack.nbytes - old.nbytes
                 layer.stack, layer.item_shape, layer.view = stack, stack.shape[_N:], None
                 layer.memory = _stackmem.memory(stack)

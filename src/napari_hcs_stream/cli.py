@@ -18,7 +18,23 @@ from . import __version__
 def _viewer(args: argparse.Namespace) -> int:
     from ._qt.launch import run_viewer
 
-    return run_viewer(args.endpoint, title=args.title, keep_runs=args.keep_runs)
+    return run_viewer(args.endpoint, title=args.title, keep_runs=args.keep_runs,
+                      memory_cap_gib=args.memory_cap)
+
+
+def _gib(text: str) -> float:
+    """An argparse ``type`` for a memory cap: 0 (the default cap) or at least MIN_CAP_GIB."""
+    from .assembler import MIN_CAP_GIB
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value != 0 and not MIN_CAP_GIB <= value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected 0 (half this machine's memory) or a number of GiB from {MIN_CAP_GIB}, "
+            f"got {text!r}")
+    return value
 
 
 def whole_number(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -147,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-runs", type=whole_number(0), default=None, metavar="N",
                    help="keep only the newest N runs, clearing older ones once they are quiet "
                         "(0: every run; default: the plugin setting)")
+    p.add_argument("--memory-cap", type=_gib, default=None, metavar="GIB",
+                   help="the most memory streamed layers may take, in GiB; a run that needs "
+                        "more is shown at a lower resolution (0: half this machine's memory; "
+                        "default: the plugin setting)")
     p.set_defaults(func=_viewer)
 
     from .demo import add_demo_arguments

@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+from ..assembler import MIN_CAP_GIB
+
 log = logging.getLogger(__name__)
 
 PLUGIN = "napari-hcs-stream"
@@ -20,6 +22,7 @@ ENV_ENDPOINT = "NAPARI_HCS_STREAM_ENDPOINT"
 ENV_AUTOSTART = "NAPARI_HCS_STREAM_AUTOSTART"
 ENV_OWNED = "NAPARI_HCS_STREAM_OWNED"
 ENV_KEEP_RUNS = "NAPARI_HCS_STREAM_KEEP_RUNS"
+ENV_MEMORY_CAP = "NAPARI_HCS_STREAM_MEMORY_CAP"
 DEFAULT_ENDPOINT = "default"
 
 
@@ -70,6 +73,25 @@ def keep_runs() -> int:
     return number
 
 
+def memory_cap() -> int | None:
+    """The memory cap for streamed layers in bytes, or None for the assembler's default (half
+    the machine's memory); a bad or too small value is logged and reads as None."""
+    env = os.environ.get(ENV_MEMORY_CAP, "").strip()
+    settings = _plugin_settings()
+    value: Any = env or (getattr(settings, "memory_cap_gib", 0) if settings is not None else 0)
+    try:
+        gib = float(value)
+    except (TypeError, ValueError):
+        gib = -1.0
+    if gib == 0:
+        return None
+    if not MIN_CAP_GIB <= gib < float("inf"):
+        log.warning("ignoring memory_cap_gib=%r: expected 0 (half the memory) or a number of "
+                    "GiB from %s", value, MIN_CAP_GIB)
+        return None
+    return int(gib * (1 << 30))
+
+
 def launched() -> bool:
     """This napari was started by our launcher (it may close on a ``shutdown`` with close)."""
     return _env_flag(ENV_AUTOSTART) or _env_flag(ENV_OWNED)
@@ -88,6 +110,11 @@ def remember_endpoint(endpoint: str) -> None:
 def remember_keep_runs(value: int) -> None:
     """Keep the number of runs the user chose for next time (a UI action only)."""
     _remember("keep_runs", value, ENV_KEEP_RUNS)
+
+
+def remember_memory_cap(gib: float) -> None:
+    """Keep the memory cap the user chose for next time (a UI action only)."""
+    _remember("memory_cap_gib", gib, ENV_MEMORY_CAP)
 
 
 def _remember(name: str, value: Any, env: str) -> None:

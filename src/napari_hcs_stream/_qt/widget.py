@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QElidingLabel
 
-from ..assembler import DEFAULT_MODES, STACK_AXES, PlateAssembler
+from ..assembler import DEFAULT_MODES, MIN_CAP_GIB, STACK_AXES, PlateAssembler
 from ..labels import human_bytes
 from . import _settings
 from ._counts import CountsTable
@@ -132,7 +132,8 @@ class StreamWidget(QWidget):
         #: a ``shutdown`` request with ``close: true`` closes napari (our launcher started it).
         self.launched = _settings.launched()
         self._assembler = (assembler if assembler is not None
-                           else PlateAssembler(keep_runs=_settings.keep_runs()))
+                           else PlateAssembler(keep_runs=_settings.keep_runs(),
+                                               max_bytes=_settings.memory_cap()))
         self._counter = CommitCounter()
         self._res = _Resources()
         self._was_docked = False
@@ -263,14 +264,16 @@ class StreamWidget(QWidget):
         self.error_label.setStyleSheet(ERROR_STYLE)
         self.memory_label = QLabel("No streamed layers")
         self.cap_spin = QDoubleSpinBox()
-        self.cap_spin.setRange(0.25, 4096.0)
+        self.cap_spin.setRange(MIN_CAP_GIB, 4096.0)
+        self.cap_spin.setKeyboardTracking(False)  # typing 16 must not pass through 1
         self.cap_spin.setDecimals(2)
         self.cap_spin.setSuffix(" GiB")
         self.cap_spin.setValue(self._assembler.max_bytes / GIB)
         self.cap_spin.setToolTip(
             "Most memory streamed layers may take. A run that needs more is shown at half its "
             "resolution (again, down to 1/16), its earlier frames too; only past that are its "
-            "frames rejected. Clear a run to make room. Applies to the next allocation."
+            "frames rejected. Clear a run to make room. Applies to the next allocation, and "
+            "is remembered in the plugin settings."
         )
         self.cap_spin.valueChanged.connect(self._on_cap_changed)
         self.keep_spin = QSpinBox()
@@ -653,6 +656,7 @@ class StreamWidget(QWidget):
 
     def _on_cap_changed(self, gib: float) -> None:
         self._assembler.max_bytes = int(gib * GIB)
+        _settings.remember_memory_cap(gib)
 
     def _on_keep_runs_changed(self, value: int) -> None:
         self._assembler.keep_runs = value  # drops quiet older runs now
