@@ -206,9 +206,13 @@ def run_demo(args: argparse.Namespace) -> int:
               f"workers waited {waited:.2f} s for the viewer")
         for manager in managers:
             state = manager.state()
+            lowered = state.get("lowered") or []
             for layer in state.get("layers", []):
+                step = layer.get("downsample") or 1
+                why = " (lowered to fit the memory cap)" if layer.get("run") in lowered else ""
                 print(f"  layer {layer['name']:<32} {layer['frames']:>5} frames  "
-                      f"shape {tuple(layer['shape'])}")
+                      f"shape {tuple(layer['shape'])}"
+                      f"{f', 1/{step} resolution{why}' if step > 1 else ''}")
             if args.overview:
                 reply = manager.overview()
                 print(f"  plate overview: {'shown' if reply.get('ok') else reply.get('error')}")

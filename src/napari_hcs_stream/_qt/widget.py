@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QElidingLabel
 
-from ..assembler import DEFAULT_MODES, MIN_CAP_GIB, STACK_AXES, PlateAssembler
+from ..assembler import DEFAULT_MODES, MIN_CAP_GIB, STACK_AXES, PlateAssembler, run_label
 from ..labels import human_bytes
 from . import _settings
 from ._counts import CountsTable
@@ -510,7 +510,7 @@ class StreamWidget(QWidget):
         layers = len(self._res.render.streamed()) if self._res.render else 0
         dropped = int(state.get("runs_dropped", 0))
         older = f"; {dropped} older run{'s' * (dropped != 1)} dropped" if dropped else ""
-        lowered = [str(r) for r in state.get("lowered", ())]
+        lowered = [run_label(str(r)) for r in state.get("lowered", ())]
         if lowered:  # the memory cap lowered their resolution
             older += f"; lower resolution to fit the cap: {', '.join(lowered)}"
         self.memory_label.setText(f"{human_bytes(state['nbytes'])} in {layers} layers{older}")
