@@ -58,11 +58,16 @@ def autostart() -> bool:
     return bool(getattr(settings, "autostart", False)) if settings is not None else False
 
 
+def _number(name: str, env: str) -> Any:
+    """A numeric setting as given: the environment's text, else the plugin setting, else 0."""
+    text = os.environ.get(env, "").strip()
+    settings = _plugin_settings()
+    return text or (getattr(settings, name, 0) if settings is not None else 0)
+
+
 def keep_runs() -> int:
     """How many runs the widget keeps, newest first (0: all); a bad value reads as 0."""
-    env = os.environ.get(ENV_KEEP_RUNS, "").strip()
-    settings = _plugin_settings()
-    value: Any = env or (getattr(settings, "keep_runs", 0) if settings is not None else 0)
+    value = _number("keep_runs", ENV_KEEP_RUNS)
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -76,9 +81,7 @@ def keep_runs() -> int:
 def memory_cap() -> int | None:
     """The memory cap for streamed layers in bytes, or None for the assembler's default (half
     the machine's memory); a bad or too small value is logged and reads as None."""
-    env = os.environ.get(ENV_MEMORY_CAP, "").strip()
-    settings = _plugin_settings()
-    value: Any = env or (getattr(settings, "memory_cap_gib", 0) if settings is not None else 0)
+    value = _number("memory_cap_gib", ENV_MEMORY_CAP)
     try:
         gib = float(value)
     except (TypeError, ValueError):
