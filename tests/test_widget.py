@@ -316,7 +316,8 @@ def test_memory_cap_is_remembered_and_the_environment_wins(docked, monkeypatch, 
     monkeypatch.setenv("NAPARI_HCS_STREAM_MEMORY_CAP", "a lot")
     _viewer, widget = docked()
     assert widget.assembler.max_bytes == default_max_bytes()
-    assert "ignoring memory_cap_gib='a lot'" in caplog.text
+    assert "ignoring memory_cap_gib: expected 0 (half this machine's memory)" in caplog.text
+    assert "got 'a lot'" in caplog.text
 
 
 def test_keep_runs_from_the_environment_wins(docked, monkeypatch, caplog):

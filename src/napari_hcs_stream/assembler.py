@@ -211,6 +211,20 @@ def _scale(step: int, ndim: int, rgb: bool) -> tuple[float, ...] | None:
     return (1.0,) * _N + tuple(float(step) if i in axes else 1.0 for i in range(ndim))
 
 
+def parse_cap_gib(text: object) -> float:
+    """A memory cap in GiB as a user gives it (a setting, a command-line argument): 0 for the
+    default (:func:`default_max_bytes`) or a number from :data:`MIN_CAP_GIB`; else a
+    ``ValueError`` saying so."""
+    try:
+        gib = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        gib = -1.0
+    if gib != 0 and not MIN_CAP_GIB <= gib < math.inf:
+        raise ValueError(f"expected 0 (half this machine's memory) or a number of GiB from "
+                         f"{MIN_CAP_GIB}, got {text!r}")
+    return gib
+
+
 def _check_keep_runs(value: object) -> int:
     return _whole(value, "keep_runs must be a whole number >= 0 (0: keep every run)", 0)
 

@@ -24,17 +24,12 @@ def _viewer(args: argparse.Namespace) -> int:
 
 def _gib(text: str) -> float:
     """An argparse ``type`` for a memory cap: 0 (the default cap) or at least MIN_CAP_GIB."""
-    from .assembler import MIN_CAP_GIB
+    from .assembler import parse_cap_gib
 
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value != 0 and not MIN_CAP_GIB <= value < float("inf"):
-        raise argparse.ArgumentTypeError(
-            f"expected 0 (half this machine's memory) or a number of GiB from {MIN_CAP_GIB}, "
-            f"got {text!r}")
-    return value
+        return parse_cap_gib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def whole_number(lo: int, hi: int | None = None) -> Callable[[str], int]:

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from ..assembler import MIN_CAP_GIB
+from ..assembler import parse_cap_gib
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,11 @@ def memory_cap() -> int | None:
     the machine's memory); a bad or too small value is logged and reads as None."""
     value = _number("memory_cap_gib", ENV_MEMORY_CAP)
     try:
-        gib = float(value)
-    except (TypeError, ValueError):
-        gib = -1.0
-    if gib == 0:
+        gib = parse_cap_gib(value)
+    except ValueError as exc:
+        log.warning("ignoring memory_cap_gib: %s", exc)
         return None
-    if not MIN_CAP_GIB <= gib < float("inf"):
-        log.warning("ignoring memory_cap_gib=%r: expected 0 (half the memory) or a number of "
-                    "GiB from %s", value, MIN_CAP_GIB)
-        return None
-    return int(gib * (1 << 30))
+    return int(gib * (1 << 30)) or None
 
 
 def launched() -> bool:
