@@ -22,7 +22,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -223,6 +223,21 @@ def parse_cap_gib(text: object) -> float:
         raise ValueError(f"expected 0 (half this machine's memory) or a number of GiB from "
                          f"{MIN_CAP_GIB}, got {text!r}")
     return gib
+
+
+def _copy_written(stack: np.ndarray, old: np.ndarray, slots: list[tuple[int, ...]],
+                  used: Sequence[int], *, into: tuple[slice, ...] = (),
+                  keep: tuple[slice, ...] = ()) -> None:
+    """Copy the items of ``old`` that were handed out (``slots``, within the extent ``used``)
+    to the same stack indices of ``stack``: ``old``'s item ``[keep]`` into ``stack``'s item
+    ``[into]``. Only those: copying blank ones would touch (and so commit) pages of the new
+    stack that nothing ever wrote. One copy when every slot of the extent was handed out."""
+    if len(slots) == math.prod(used):
+        extent = tuple(slice(0, u) for u in used)
+        stack[extent + into] = old[extent + keep]
+    else:
+        for slot_index in slots:
+            stack[slot_index + into] = old[slot_index + keep]
 
 
 def _check_keep_runs(value: object) -> int:
@@ -682,8 +697,7 @@ class PlateAssembler:
                         coarser = self._coarsening_plan(group)
                     old = layer.stack if layer is not None else None
                     slots = list(layer.slots) if layer is not None else []
-                    dense = layer is not None and len(slots) == math.prod(layer.used)
-                    used = tuple(slice(0, u) for u in layer.used) if layer is not None else ()
+                    used = list(layer.used) if layer is not None else []
                     generation = self._generation
                     reserve = self._max_bytes
                     outer = layer.outer if layer is not None else 0
@@ -706,15 +720,9 @@ class PlateAssembler:
                     self.grown_in_place += 1
                 else:
                     stack = _stackmem.zeros(new_shape, header.dtype, reserve, outer)
-                    if old is not None:
-                        # Copy only slots that were handed out: copying blank ones would touch
-                        # (and so commit) pages of the new stack that nothing ever wrote.
-                        held = tuple(slice(0, n) for n in old.shape[_N:])
-                        if dense:
-                            stack[used + held] = old[used]
-                        else:
-                            for slot_index in slots:
-                                stack[slot_index + held] = old[slot_index]
+                    if old is not None:  # into the corner of each larger item
+                        _copy_written(stack, old, slots, used,
+                                      into=tuple(slice(0, n) for n in old.shape[_N:]))
                 with self._lock:
                     if generation != self._generation or self._layers.get(key) is not layer:
                         continue  # cleared meanwhile: route again
@@ -734,20 +742,18 @@ class PlateAssembler:
                 self._handoff = (header, layer, slot_index, view, new_slot)
             return view if group.step == 1 else self._scratch_for(header)
 
-    def _coarsening_plan(self, group: _Group) -> list[tuple[_Layer, np.ndarray, bool]]:
-        """The group's layers, their stacks, and whether every slot of their used extent
-        was handed out (``_lock`` held): what :meth:`_coarsen_group` copies."""
-        return [(layer, layer.stack, len(layer.slots) == math.prod(layer.used))
-                for layer in self._layers.values() if layer.group is group]
+    def _coarsening_plan(self, group: _Group) -> list[tuple[_Layer, np.ndarray]]:
+        """The group's layers and their stacks (``_lock`` held): what :meth:`_coarsen_group`
+        lowers."""
+        return [(layer, layer.stack) for layer in self._layers.values() if layer.group is group]
 
-    def _coarsen_group(self, group: _Group,
-                       plan: list[tuple[_Layer, np.ndarray, bool]]) -> None:
+    def _coarsen_group(self, group: _Group, plan: list[tuple[_Layer, np.ndarray]]) -> None:
         """Halve the resolution of every layer of ``group`` (``_write_lock`` held): each
         stack is replaced by one keeping every other row and column of it, a quarter of its
         size, so the group keeps streaming under the memory cap instead of rejecting frames.
         The copies run outside ``_lock``, as growth copies do."""
         stacks = []
-        for layer, old, dense in plan:
+        for layer, old in plan:
             shape = old.shape[:_N] + _reduced(old.shape[_N:], layer.rgb, 2)
             every = _every(2, old.ndim, layer.rgb)
             # In the stack's own memory where it can be: no fresh memory to touch. The layer
@@ -755,17 +761,12 @@ class PlateAssembler:
             stack = _stackmem.shrink_in_place(old, shape, layer.outer, every[_N:], layer.slots)
             if stack is None:
                 stack = _stackmem.zeros(shape, old.dtype, self._max_bytes, layer.outer)
-                used = tuple(slice(0, u) for u in layer.used)
-                if dense:
-                    stack[used] = old[used][every]
-                else:
-                    for slot_index in list(layer.slots):
-                        stack[slot_index] = old[slot_index][every[_N:]]
+                _copy_written(stack, old, list(layer.slots), layer.used, keep=every[_N:])
             stacks.append(stack)
         with self._lock:
             group.step *= 2
             group.lowered = True
-            for (layer, old, _dense), stack in zip(plan, stacks, strict=True):
+            for (layer, old), stack in zip(plan, stacks, strict=True):
                 if self._layers.get(layer.key) is not layer:
                     continue  # its run was cleared meanwhile (only this thread adds layers)
                 self._nbytes += stack.nbytes - old.nbytes
