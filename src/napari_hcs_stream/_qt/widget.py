@@ -509,11 +509,11 @@ class StreamWidget(QWidget):
         state = self._assembler.state()
         layers = len(self._res.render.streamed()) if self._res.render else 0
         dropped = int(state.get("runs_dropped", 0))
-        older = f"; {dropped} older run{'s' * (dropped != 1)} dropped" if dropped else ""
+        notes = f"; {dropped} older run{'s' * (dropped != 1)} dropped" if dropped else ""
         lowered = [run_label(str(r)) for r in state.get("lowered", ())]
         if lowered:  # the memory cap lowered their resolution
-            older += f"; lower resolution to fit the cap: {', '.join(lowered)}"
-        self.memory_label.setText(f"{human_bytes(state['nbytes'])} in {layers} layers{older}")
+            notes += f"; lower resolution to fit the cap: {', '.join(lowered)}"
+        self.memory_label.setText(f"{human_bytes(state['nbytes'])} in {layers} layers{notes}")
         self.memory_label.setToolTip(self.memory_label.text())
         runs = [str(r) for r in state["runs"]]
         current = [self.run_combo.itemText(i) for i in range(1, self.run_combo.count())]
