@@ -51,7 +51,9 @@ import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import Any
@@ -64,6 +66,8 @@ STACK = 16
 SOURCES = 4
 #: the publish CPU time (a median) is read on one frame in CPU_SAMPLE
 CPU_SAMPLE = 8
+#: frames between two ``take_updates`` of the assembler in ``run_project(listener=True)``
+TAKE_EVERY = 500
 
 
 def _cpu() -> float:
@@ -133,32 +137,46 @@ def default_slots(side: int) -> int:
     return ring_geometry(side * side * 2)[1]
 
 
-def run_project(side: int, n: int, pace: float = 0.0, slots: int | None = None
-                ) -> dict[str, Any]:
+def run_project(side: int, n: int, pace: float = 0.0, slots: int | None = None, *,
+                listener: bool = False) -> dict[str, Any]:
+    """The real Publisher -> Receiver path. ``listener``: as the plugin's listener thread
+    runs it instead: the receiver lives in a background thread (so it takes headers keeping
+    the GIL) and copies into a real ``PlateAssembler``'s stacks, whose updates are taken every
+    :data:`TAKE_EVERY` frames (the render tick's side of it, without napari); the calling
+    thread only waits. Otherwise the receiver runs in this thread into a plain stack."""
     from napari_hcs_stream.receiver import Receiver
 
     slots = slots or default_slots(side)
-
-    stack = np.zeros((STACK, side, side), np.uint16)
     counter = [0]
     times: list[float] = []
+    if listener:
+        from napari_hcs_stream.assembler import PlateAssembler
 
-    def destination(header: Any) -> np.ndarray:
-        return stack[counter[0] % STACK]
+        assembler = PlateAssembler()
+        destination: Callable[[Any], np.ndarray] = assembler.destination
 
-    def on_frame(header: Any, array: np.ndarray) -> None:
-        counter[0] += 1
-        times.append(time.perf_counter())
+        def on_frame(header: Any, array: np.ndarray) -> None:
+            assembler.commit(header, array)
+            counter[0] += 1
+            times.append(time.perf_counter())
+            if counter[0] % TAKE_EVERY == 0:
+                assembler.take_updates()
+    else:
+        stack = np.zeros((STACK, side, side), np.uint16)
 
-    with tempfile.TemporaryDirectory(prefix="hcsb") as rundir:
-        endpoint = f"ipc://{rundir}/bench.data"
+        def destination(header: Any) -> np.ndarray:
+            return stack[counter[0] % STACK]
+
+        def on_frame(header: Any, array: np.ndarray) -> None:
+            counter[0] += 1
+            times.append(time.perf_counter())
+
+    result: dict[str, Any] = {}
+
+    def receive(endpoint: str, parent: Connection, proc: Any) -> None:
         receiver = Receiver(endpoint, destination=destination, on_frame=on_frame,
                             register=False)
         receiver.bind()
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_project_producer,
-                           args=(endpoint, side, n, pace, slots, child))
         proc.start()
         try:
             deadline = time.monotonic() + 60
@@ -175,13 +193,36 @@ def run_project(side: int, n: int, pace: float = 0.0, slots: int | None = None
             cpu = _cpu() - cpu
             while not parent.poll(0) and time.monotonic() < deadline:
                 receiver.poll(10)  # the producer's close waits for in-flight copies
-            stats = parent.recv()
+            result.update(parent.recv(), receiver_cpu_us=cpu / n * 1e6)
         finally:
             proc.join(30)
             receiver.close()
+        result.update(torn=receiver.stats.torn, rejected=receiver.stats.rejected)
+
+    with tempfile.TemporaryDirectory(prefix="hcsb") as rundir:
+        endpoint = f"ipc://{rundir}/bench.data"
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_project_producer,
+                           args=(endpoint, side, n, pace, slots, child))
+        if listener:
+            errors: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    receive(endpoint, parent, proc)
+                except BaseException as exc:  # re-raised in the calling thread
+                    errors.append(exc)
+
+            thread = threading.Thread(target=run, name="bench-listener")
+            thread.start()
+            thread.join()
+            if errors:
+                raise errors[0]
+        else:
+            receive(endpoint, parent, proc)
     rate = steady_rate(times, slots)
-    return {"fps": rate, "received": counter[0], "torn": receiver.stats.torn,
-            "rejected": receiver.stats.rejected, "receiver_cpu_us": cpu / n * 1e6, **stats}
+    return {"fps": rate, "received": counter[0], **result}
 
 
 # -- the raw limit: same work, no project code -------------------------------------------------

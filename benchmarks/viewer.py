@@ -21,6 +21,12 @@ endpoint, its render tick running. A spawned producer process uses the real ``Pu
   ``slots_<side>``, 128 at 512x512, 16 at 2048x2048). ``raw_fps_512_16``: the raw ring with
   16 slots at 512x512, whose 8 MiB stay in this machine's L3 cache (faster than the default
   geometry for the raw ring, slower for napari, which needs the slots to ride out its stalls).
+* ``listener_fps_512`` / ``listener_ratio_512``: the same 512x512 frames through the same
+  listener code path without napari's part: ``transport.run_project(listener=True)``, a
+  ``Receiver`` in a background thread (taking headers keeping the GIL, as the widget's
+  listener does) feeding a ``PlateAssembler``, in this process while napari's main thread only
+  waits for it (no slicing, no redraw). Paired with the raw ring like ``ingest_ratio_512``;
+  the distance between the two ratios is what napari's work in the process costs the listener.
 * ``flat_ratio``: mean ingest cost per frame (listener-thread CPU time in ``destination`` +
   copy + ``commit``; CPU time, so waits for the GIL held by napari's main thread do not count)
   over the last 64 frames of a 96-well x 4-site x 4-channel 512x512 plate divided by that over
@@ -66,6 +72,7 @@ from transport import (  # the shared raw-ring baseline
     CACHE_SLOTS,
     default_slots,
     paired_ratio,
+    run_project,
     run_raw,
     steady_rate,
 )
@@ -263,6 +270,8 @@ def main() -> int:
             fps: dict[int, list[float]] = {side: [] for side in counts}
             raw: dict[int, list[float]] = {side: [] for side in counts}
             raw16: list[float] = []
+            alone: list[float] = []  # the listener path with napari's main thread waiting
+            alone_raw: list[float] = []
             for rep in range(repeats):  # interleaved, so machine noise hits both alike
                 for side, n in counts.items():
                     slots = default_slots(side)
@@ -274,6 +283,11 @@ def main() -> int:
                     log(f"{side}x{side} run {rep + 1}/{repeats}: viewer {r['fps']:.0f} "
                         f"frames/s (sent {r['sent']}, dropped {r['dropped']}), raw ring "
                         f"{raw[side][-1]:.0f} frames/s ({slots} slots)")
+                    if side == 512:
+                        alone_raw.append(run_raw(side, n, slots)["fps"])
+                        alone.append(run_project(side, n, slots=slots, listener=True)["fps"])
+                        log(f"  the listener path without napari: {alone[-1]:.0f} frames/s, "
+                            f"raw ring {alone_raw[-1]:.0f} frames/s")
             for side in counts:
                 f, rf = _median_of(fps[side]), _median_of(raw[side])
                 out[f"slots_{side}"] = default_slots(side)
@@ -283,6 +297,11 @@ def main() -> int:
                 out[f"ingest_median_ratio_{side}"] = round(f / rf, 3) if rf else 0.0
             if raw16:
                 out[f"raw_fps_512_{CACHE_SLOTS}"] = round(_median_of(raw16), 1)
+            if alone:
+                out["listener_fps_512"] = round(_median_of(alone), 1)
+                out["listener_ratio_512"] = round(paired_ratio(alone, alone_raw), 3)
+                log(f"512x512 ingest ratio {out['ingest_ratio_512']:.2f} in napari, "
+                    f"{out['listener_ratio_512']:.2f} for the listener path without napari")
             session.clear()
 
             gc.collect()
