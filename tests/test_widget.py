@@ -491,6 +491,66 @@ def test_counts_are_repainted_with_the_layers_or_soon_after(docked, qtbot):
     assert shown() == 7
 
 
+def test_a_tick_repaints_the_window_once(docked, qtbot):
+    """napari's layer list answers a re-slice with a delayed layout that would repaint the
+    window again after the tick's repaint (with software OpenGL a whole-window composition,
+    holding the GIL); the widget runs that layout within the tick."""
+    from qtpy.QtCore import QEvent, QObject
+
+    from _frames import plane, put
+
+    _viewer, widget = docked(show=True)
+    widget.render_tick.stop()  # ticks only when the test says
+    app = QApplication.instance()
+
+    class Repaints(QObject):
+        count = 0
+
+        def eventFilter(self, _obj, event):
+            if event.type() == QEvent.Type.UpdateRequest:
+                self.count += 1
+            return False
+
+    def tick(value: int) -> None:
+        for channel in ("DAPI", "GFP"):  # the slider follows to a new z plane each time
+            put(widget.assembler, plane(value), well="A01", z=value % 8, channel=channel)
+        widget.render_tick.tick()
+        for _ in range(5):  # the repaint, then whatever Qt runs after it
+            app.processEvents()
+
+    for value in range(8):  # the layers and their stacks exist
+        tick(value)
+    window = widget.window()
+    repaints = Repaints(window)
+    window.installEventFilter(repaints)
+    try:
+        for value in range(8, 28):
+            tick(value)
+    finally:
+        window.removeEventFilter(repaints)
+    assert 20 <= repaints.count <= 22  # one a tick (two without the settling: 40)
+
+
+def test_settling_takes_the_views_python_made_and_lets_go_of_deleted_ones(qtbot):
+    from qtpy.QtWidgets import QListView, QTableWidget, QVBoxLayout, QWidget
+
+    from napari_hcs_stream._qt._settle import ItemViewSettler
+
+    window = QWidget()
+    qtbot.addWidget(window)
+    layout = QVBoxLayout(window)
+    table, listed = QTableWidget(2, 2), QListView()  # the table's two headers are Qt's own
+    layout.addWidget(table)
+    layout.addWidget(listed)
+    window.show()
+    qtbot.waitExposed(window)
+    settler = ItemViewSettler(table)
+    assert settler.settle() == 2  # the table and the list; PyQt refuses the headers
+    listed.setParent(None)
+    listed.deleteLater()
+    qtbot.waitUntil(lambda: settler.settle() == 1)
+
+
 def test_plate_map_shows_arrived_wells_and_a_click_moves_the_sliders(docked, qtbot):
     from _frames import put
 

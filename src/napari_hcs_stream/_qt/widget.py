@@ -47,6 +47,7 @@ from ._demo import DEMO_ARGS, spawn_demo
 from ._overview import PlateOverview
 from ._pacing import Pacer
 from ._platemap import PlateMapView
+from ._settle import ItemViewSettler
 from .listener import CommitCounter, ListenerThread
 from .overlay import DimsLabelOverlay, stack_step, with_stack_step
 from .render import RenderTick
@@ -135,6 +136,7 @@ class StreamWidget(QWidget):
                            else PlateAssembler(keep_runs=_settings.keep_runs(),
                                                max_bytes=_settings.memory_cap()))
         self._counter = CommitCounter()
+        self._settler = ItemViewSettler(self)
         self._res = _Resources()
         self._was_docked = False
         self._info_at = 0.0
@@ -496,13 +498,15 @@ class StreamWidget(QWidget):
         self.error_label.setToolTip(message)
 
     def _on_rendered(self) -> None:
+        """After a tick that changed something: what the widget shows, then the item views'
+        pending layouts, so that all of it is in the tick's one window repaint."""
         if self._status is not None:
             self._show_status()
         now = time.monotonic()
-        if now - self._info_at < INFO_EVERY_S:
-            return
-        self._info_at = now
-        self.refresh_info()
+        if now - self._info_at >= INFO_EVERY_S:
+            self._info_at = now
+            self.refresh_info()
+        self._settler.settle()
 
     def refresh_info(self) -> None:
         """Memory held and the runs to clear (from ``assembler.state()``; a few Hz at most)."""
