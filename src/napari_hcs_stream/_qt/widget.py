@@ -45,7 +45,7 @@ from . import _settings
 from ._counts import CountsTable
 from ._demo import DEMO_ARGS, spawn_demo
 from ._overview import PlateOverview
-from ._pacing import Pacer
+from ._pacing import MAX_MS, Pacer
 from ._platemap import PlateMapView
 from ._settle import ItemViewSettler
 from .listener import CommitCounter, ListenerThread
@@ -60,8 +60,10 @@ log = logging.getLogger(__name__)
 ERROR_STYLE = "color: #e5534b;"  # red reads on napari's dark and light themes alike
 ALL_RUNS = "(all runs)"
 INFO_EVERY_S = 0.5
-#: a status snapshot waits at most this long for a render tick to be shown with (ms).
-STATUS_WAIT_MS = 250
+#: a status snapshot waits at most this long for a render tick to be shown with (ms): longer
+#: than the pacer's longest interval, so that while frames stream in the counts always come
+#: with a tick's window repaint, never in one of their own.
+STATUS_WAIT_MS = MAX_MS + 50
 #: listeners that did not stop in time: kept alive until they do (never destroyed running).
 _STUCK: list[ListenerThread] = []
 GIB = 1024**3
