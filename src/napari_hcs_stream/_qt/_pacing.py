@@ -44,7 +44,7 @@ class Pacer:
         self.cost_ms = 0.0
 
     def record(self, cost_ms: float) -> None:
-        """A tick that applied updates cost ``cost_ms`` (its own time plus the redraw)."""
+        """A tick that applied updates took ``cost_ms`` (its own time; the redraw follows it)."""
         self.cost_ms = cost_ms if self.cost_ms == 0.0 else 0.5 * (self.cost_ms + cost_ms)
 
     def idle(self) -> None:
