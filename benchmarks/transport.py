@@ -51,9 +51,9 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import Any
@@ -205,20 +205,9 @@ def run_project(side: int, n: int, pace: float = 0.0, slots: int | None = None, 
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_project_producer,
                            args=(endpoint, side, n, pace, slots, child))
-        if listener:
-            errors: list[BaseException] = []
-
-            def run() -> None:
-                try:
-                    receive(endpoint, parent, proc)
-                except BaseException as exc:  # re-raised in the calling thread
-                    errors.append(exc)
-
-            thread = threading.Thread(target=run, name="bench-listener")
-            thread.start()
-            thread.join()
-            if errors:
-                raise errors[0]
+        if listener:  # a thread of its own, as the widget's listener; errors re-raised here
+            with ThreadPoolExecutor(1, thread_name_prefix="bench-listener") as pool:
+                pool.submit(receive, endpoint, parent, proc).result()
         else:
             receive(endpoint, parent, proc)
     rate = steady_rate(times, slots)
