@@ -1,9 +1,9 @@
 """Lay out the window's item views in the repaint of the render tick, not in one of their own.
 
-Each re-slice of a napari layer reports the layer's row of napari's layer list as changed
-(``set_data``, ``_extent_augmented``, ``thumbnail``), and a list view answers with a *delayed*
-layout: a zero-time timer, which Qt runs after it has repainted the window for the tick. The
-layout then repaints the list, and Qt repaints the window a second time. With software OpenGL
+A tick that re-slices a streamed layer leaves napari's layer list with a *delayed* layout
+pending (an item view lays its rows out again on a zero-time timer), which Qt runs after it
+has repainted the window for the tick. The layout then repaints the list, and Qt repaints the
+window a second time. With software OpenGL
 every window repaint composes the whole window, about 12 ms here, inside napari's Python
 ``_QtMainWindow.event`` and so holding the GIL that the listener needs to take frames in.
 Running the pending layout right after the tick puts both in one repaint: 1.0-1.1 window
