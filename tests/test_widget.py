@@ -491,17 +491,27 @@ def test_counts_are_repainted_with_the_layers_or_soon_after(docked, qtbot):
     assert shown() == 7
 
 
-def test_a_tick_repaints_the_window_once(docked, qtbot):
+@pytest.mark.parametrize("floating", [False, True], ids=["docked", "floating"])
+def test_a_tick_repaints_the_window_once(docked, qtbot, floating):
     """napari's layer list answers a re-slice with a delayed layout that would repaint the
     window again after the tick's repaint (with software OpenGL a whole-window composition,
-    holding the GIL); the widget runs that layout within the tick."""
+    holding the GIL); the widget runs that layout within the tick, also from a floating
+    dock (a window of its own)."""
     from qtpy.QtCore import QEvent, QObject
+    from qtpy.QtWidgets import QDockWidget
 
     from _frames import plane, put
 
     _viewer, widget = docked(show=True)
     widget.render_tick.stop()  # ticks only when the test says
     app = QApplication.instance()
+    window = widget.window()  # napari's, where the layer list is
+    if floating:
+        dock = widget.parentWidget()
+        while not isinstance(dock, QDockWidget):
+            dock = dock.parentWidget()
+        dock.setFloating(True)
+        qtbot.waitUntil(lambda: widget.window() is dock)
 
     class Repaints(QObject):
         count = 0
@@ -520,7 +530,6 @@ def test_a_tick_repaints_the_window_once(docked, qtbot):
 
     for value in range(8):  # the layers and their stacks exist
         tick(value)
-    window = widget.window()
     repaints = Repaints(window)
     window.installEventFilter(repaints)
     try:
@@ -536,6 +545,7 @@ def test_settling_takes_the_views_python_made_and_lets_go_of_deleted_ones(qtbot)
 
     from napari_hcs_stream._qt._settle import ItemViewSettler
 
+    before = ItemViewSettler().settle()  # whatever else is on screen
     window = QWidget()
     qtbot.addWidget(window)
     layout = QVBoxLayout(window)
@@ -544,11 +554,11 @@ def test_settling_takes_the_views_python_made_and_lets_go_of_deleted_ones(qtbot)
     layout.addWidget(listed)
     window.show()
     qtbot.waitExposed(window)
-    settler = ItemViewSettler(table)
-    assert settler.settle() == 2  # the table and the list; PyQt refuses the headers
+    settler = ItemViewSettler()
+    assert settler.settle() == before + 2  # the table and the list; PyQt refuses the headers
     listed.setParent(None)
     listed.deleteLater()
-    qtbot.waitUntil(lambda: settler.settle() == 1)
+    qtbot.waitUntil(lambda: settler.settle() == before + 1)
 
 
 def test_plate_map_shows_arrived_wells_and_a_click_moves_the_sliders(docked, qtbot):

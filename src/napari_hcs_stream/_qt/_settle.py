@@ -13,7 +13,7 @@ repaints per tick instead of 1.6-1.9 (``docs/benchmarks.md``, ninth session).
 views created from Python (napari's layer list, the widget's counts table), which is all this
 needs; views Qt made for itself (a combo box's popup list, table headers) are left alone.
 Nothing here depends on napari's attribute names: the views are found among the children of
-the window the widget is docked in.
+the application's visible windows (napari's, and the widget's own when it floats).
 """
 
 from __future__ import annotations
@@ -21,35 +21,30 @@ from __future__ import annotations
 import time
 import weakref
 
-from qtpy.QtWidgets import QAbstractItemView, QWidget
+from qtpy.QtWidgets import QAbstractItemView, QApplication
 
 #: how often the window is searched again for item views (a new dock, a view shown)
 RESCAN_S = 2.0
 
 
 class ItemViewSettler:
-    """Runs the delayed layouts of the visible item views in ``widget``'s window, now.
+    """Runs the delayed layouts of the visible item views of the visible windows, now.
 
-    It keeps only weak references to the window and its views: napari's own widgets must be
-    free to go when the viewer closes, whatever becomes of this widget.
+    It keeps only weak references to the views: napari's own widgets must be free to go when
+    the viewer closes, whatever becomes of this object. Views that appear later (a window
+    shown, a dock floated) are found at the next scan, at most :data:`RESCAN_S` later.
     """
 
-    def __init__(self, widget: QWidget, rescan_s: float = RESCAN_S) -> None:
-        self._widget = widget
+    def __init__(self, rescan_s: float = RESCAN_S) -> None:
         self._rescan_s = rescan_s
-        self._window: weakref.ref[QWidget] | None = None
         self._views: list[weakref.ref[QAbstractItemView]] = []
         self._scanned_at = float("-inf")
 
     def settle(self) -> int:
         """Lay out every pending view; returns how many views were looked at."""
         now = time.monotonic()
-        window = self._widget.window()
-        if window is None:
-            return 0
-        if (self._window is None or self._window() is not window
-                or now - self._scanned_at >= self._rescan_s):
-            self._scan(window, now)
+        if now - self._scanned_at >= self._rescan_s:
+            self._scan(now)
         kept = []
         for ref in self._views:
             view = ref()
@@ -58,10 +53,15 @@ class ItemViewSettler:
         self._views = kept
         return len(kept)
 
-    def _scan(self, window: QWidget, now: float) -> None:
-        self._window, self._scanned_at = weakref.ref(window), now
-        self._views = [weakref.ref(view) for view in window.findChildren(QAbstractItemView)
-                       if view.isVisible() and _lay_out(view)]
+    def _scan(self, now: float) -> None:
+        self._scanned_at = now
+        found: dict[int, QAbstractItemView] = {}  # a floating dock's views are found twice
+        for window in QApplication.topLevelWidgets():
+            if window.isVisible():
+                for view in window.findChildren(QAbstractItemView):
+                    if id(view) not in found and view.isVisible() and _lay_out(view):
+                        found[id(view)] = view
+        self._views = [weakref.ref(view) for view in found.values()]
 
 
 def _lay_out(view: QAbstractItemView) -> bool:

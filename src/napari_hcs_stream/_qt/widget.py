@@ -138,7 +138,7 @@ class StreamWidget(QWidget):
                            else PlateAssembler(keep_runs=_settings.keep_runs(),
                                                max_bytes=_settings.memory_cap()))
         self._counter = CommitCounter()
-        self._settler = ItemViewSettler(self)
+        self._settler = ItemViewSettler()
         self._res = _Resources()
         self._was_docked = False
         self._info_at = 0.0
