@@ -491,20 +491,52 @@ def test_counts_are_repainted_with_the_layers_or_soon_after(docked, qtbot):
     assert shown() == 7
 
 
+class _Repaints:
+    """Counts the repaints (``UpdateRequest`` events) of a window while it is entered."""
+
+    def __init__(self, window) -> None:
+        from qtpy.QtCore import QEvent, QObject
+
+        class Filter(QObject):
+            count = 0
+
+            def eventFilter(self, _obj, event):
+                if event.type() == QEvent.Type.UpdateRequest:
+                    self.count += 1
+                return False
+
+        self._window = window
+        self._filter = Filter(window)
+
+    @property
+    def count(self) -> int:
+        return self._filter.count
+
+    def __enter__(self) -> _Repaints:
+        self._window.installEventFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._window.removeEventFilter(self._filter)
+
+
+def _process_repaints() -> None:
+    for _ in range(5):  # the repaint, then whatever Qt runs after it
+        QApplication.processEvents()
+
+
 @pytest.mark.parametrize("floating", [False, True], ids=["docked", "floating"])
 def test_a_tick_repaints_the_window_once(docked, qtbot, floating):
     """napari's layer list answers a re-slice with a delayed layout that would repaint the
     window again after the tick's repaint (with software OpenGL a whole-window composition,
     holding the GIL); the widget runs that layout within the tick, also from a floating
     dock (a window of its own)."""
-    from qtpy.QtCore import QEvent, QObject
     from qtpy.QtWidgets import QDockWidget
 
     from _frames import plane, put
 
     _viewer, widget = docked(show=True)
     widget.render_tick.stop()  # ticks only when the test says
-    app = QApplication.instance()
     window = widget.window()  # napari's, where the layer list is
     if floating:
         dock = widget.parentWidget()
@@ -513,31 +545,39 @@ def test_a_tick_repaints_the_window_once(docked, qtbot, floating):
         dock.setFloating(True)
         qtbot.waitUntil(lambda: widget.window() is dock)
 
-    class Repaints(QObject):
-        count = 0
-
-        def eventFilter(self, _obj, event):
-            if event.type() == QEvent.Type.UpdateRequest:
-                self.count += 1
-            return False
-
     def tick(value: int) -> None:
         for channel in ("DAPI", "GFP"):  # the slider follows to a new z plane each time
             put(widget.assembler, plane(value), well="A01", z=value % 8, channel=channel)
         widget.render_tick.tick()
-        for _ in range(5):  # the repaint, then whatever Qt runs after it
-            app.processEvents()
+        _process_repaints()
 
     for value in range(8):  # the layers and their stacks exist
         tick(value)
-    repaints = Repaints(window)
-    window.installEventFilter(repaints)
-    try:
+    with _Repaints(window) as repaints:
         for value in range(8, 28):
             tick(value)
-    finally:
-        window.removeEventFilter(repaints)
     assert 20 <= repaints.count <= 22  # one a tick (two without the settling: 40)
+
+
+def test_an_overview_rebuild_repaints_the_window_once(docked, qtbot):
+    """The plate overview changes napari layers outside the render tick: it settles too."""
+    from _frames import plane, put
+
+    _viewer, widget = docked(show=True)
+    widget.render_tick.stop()
+    wells = [f"{row}{col:02d}" for row in "AB" for col in range(1, 13)]
+    for i, well in enumerate(wells):
+        put(widget.assembler, plane(i), well=well, channel="DAPI")
+    widget.render_tick.tick()
+    assert widget.show_overview(True)
+    _process_repaints()
+    overview = widget._res.overview
+    with _Repaints(widget.window()) as repaints:
+        for i in range(10):
+            put(widget.assembler, plane(100 + i), well=wells[i], channel="DAPI")
+            overview.refresh()
+            _process_repaints()
+    assert 10 <= repaints.count <= 12  # one a rebuild (two without the settling: 20)
 
 
 def test_settling_takes_the_views_python_made_and_lets_go_of_deleted_ones(qtbot):

@@ -63,19 +63,23 @@ class PlateOverview:
     ``streamed`` returns the streamed layers as ``{assembler layer name: napari layer}``;
     ``open_well`` is called with a well's name when the user double-clicks it, and
     ``on_hover`` when the well under the mouse changes (:attr:`hovered`). ``run`` returns the
-    run to lay out (None: every run); other runs' layers are hidden meanwhile.
+    run to lay out (None: every run); other runs' layers are hidden meanwhile. ``settle`` runs
+    after each rebuild, in the same pass (the widget's item-view layouts, :mod:`._settle`:
+    napari's layer list would otherwise repaint the window a second time).
     """
 
     def __init__(self, viewer: Any, assembler: Any, streamed: Callable[[], Mapping[str, Any]],
                  open_well: Callable[[str], object] = lambda _well: None,
                  on_hover: Callable[[], object] = lambda: None,
-                 run: Callable[[], str | None] = lambda: None) -> None:
+                 run: Callable[[], str | None] = lambda: None,
+                 settle: Callable[[], object] = lambda: None) -> None:
         self._viewer = viewer
         self._run = run
         self._assembler = assembler
         self._streamed = streamed
         self._open_well = open_well
         self._on_hover = on_hover
+        self._settle = settle
         #: the well under the mouse while the overview is on (its name as sent), else None
         self.hovered: str | None = None
         #: the viewer's own mouse callbacks (any layer may be the active one)
@@ -184,6 +188,7 @@ class PlateOverview:
             for name, source in self._streamed().items():
                 if name not in self._entries:
                     self._hide(name, source)
+        self._settle()
 
     def _refresh_one(self, name: str, source: Any, plates: dict[Any, Any]) -> None:
         run = _run_of(source)

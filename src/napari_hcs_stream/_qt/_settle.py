@@ -7,7 +7,8 @@ window a second time. With software OpenGL
 every window repaint composes the whole window, about 12 ms here, inside napari's Python
 ``_QtMainWindow.event`` and so holding the GIL that the listener needs to take frames in.
 Running the pending layout right after the tick puts both in one repaint: 1.0-1.1 window
-repaints per tick instead of 1.6-1.9 (``docs/benchmarks.md``, ninth session).
+repaints per tick instead of 1.6-1.9 (``docs/benchmarks.md``, ninth session). The plate
+overview's rebuilds change layers too, outside the tick, and settle the same way.
 
 ``QAbstractItemView.executeDelayedItemsLayout`` is protected: PyQt lets Python call it only on
 views created from Python (napari's layer list, the widget's counts table), which is all this
@@ -23,7 +24,7 @@ import weakref
 
 from qtpy.QtWidgets import QAbstractItemView, QApplication
 
-#: how often the window is searched again for item views (a new dock, a view shown)
+#: how often the windows are searched again for item views (a new dock, a view shown)
 RESCAN_S = 2.0
 
 

@@ -162,7 +162,8 @@ class StreamWidget(QWidget):
                                       pacer=Pacer(load=self._counter.get_load))
         self._res.overview = PlateOverview(napari_viewer, self._assembler,
                                            self._res.render.streamed, open_well=self.open_well,
-                                           on_hover=self._update_overlay, run=self.chosen_run)
+                                           on_hover=self._update_overlay, run=self.chosen_run,
+                                           settle=self._settler.settle)
         self._res.overlay = DimsLabelOverlay(napari_viewer, self._assembler,
                                              self._res.render.streamed, self._res.overview)
         self._res.connect(self._res.render.applied, self._res.overlay.update)
