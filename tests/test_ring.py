@@ -200,6 +200,22 @@ def test_reader_never_unlinks(ring: ShmRing) -> None:
     assert not Path("/dev/shm", ring.name).exists()
 
 
+def test_attaching_touches_only_the_slots_read(reader: RingReader) -> None:
+    """Populating the whole mapping at attach time kept the GIL (``mmap.mmap`` with
+    ``MAP_POPULATE``) for tens of ms and allocated every slot not yet written: napari's main
+    thread froze once per new producer. Pages are mapped as slots are read instead."""
+    with ShmRing(1 << 20, 64) as ring:  # 64 MiB of slots
+        blocks = Path("/dev/shm", ring.name).stat().st_blocks
+        a = np.ones((512, 1024), np.uint16)
+        slot = ring.acquire()
+        gen = ring.write(slot, a)[1]
+        dest = np.empty_like(a)
+        reader.copy_into(ref(ring, slot, a.nbytes, gen), dest)
+        np.testing.assert_array_equal(dest, a)
+        allocated = (Path("/dev/shm", ring.name).stat().st_blocks - blocks) * 512
+        assert allocated <= 2 << 20  # the slot written, not the ring
+
+
 def _exit_at_once() -> None:
     pass
 

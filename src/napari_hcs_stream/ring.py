@@ -304,9 +304,11 @@ class _Mapping:
             self.size = os.fstat(fd).st_size
             if self.size < HEADER_BYTES:
                 raise SegmentError(f"shared-memory segment {name} is too small to be a ring")
-            # populate: map every page now, once, rather than fault on the first frames
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self._mm = mmap.mmap(fd, self.size, flags=flags)
+            # no MAP_POPULATE: mmap() keeps the GIL while it maps (and, for the slots the
+            # producer has not written yet, allocates) every page: 65-280 ms for a 64 MiB ring,
+            # when napari's main thread cannot run and the producer's first frames wait. Pages
+            # fault in as slots are first read: about 35 us more for a 512 KiB slot, once.
+            self._mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
         magic, version, nslots, slot_bytes, self.pid, data_offset = _HEADER.unpack_from(
