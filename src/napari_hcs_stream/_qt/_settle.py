@@ -3,9 +3,9 @@
 A tick that re-slices a streamed layer leaves napari's layer list with a *delayed* layout
 pending (an item view lays its rows out again on a zero-time timer), which Qt runs after it
 has repainted the window for the tick. The layout then repaints the list, and Qt repaints the
-window a second time. With software OpenGL
-every window repaint composes the whole window, about 12 ms here, inside napari's Python
-``_QtMainWindow.event`` and so holding the GIL that the listener needs to take frames in.
+window a second time. With software OpenGL every window repaint composes the whole window,
+about 12 ms here, inside napari's Python ``_QtMainWindow.event`` and so holding the GIL that
+the listener needs to take frames in.
 Running the pending layout right after the tick puts both in one repaint: 1.0-1.1 window
 repaints per tick instead of 1.6-1.9 (``docs/benchmarks.md``, ninth session). The plate
 overview's rebuilds change layers too, outside the tick, and settle the same way.
