@@ -77,7 +77,7 @@ def _control(args: argparse.Namespace) -> int:
 
 def format_status(reply: dict[str, Any]) -> str:
     """A viewer's ping reply with its ``state`` in it, for a person to read."""
-    from .labels import human_bytes
+    from .labels import LOWERED_NOTE, human_bytes
 
     state = reply.get("state") or {}
     receiver = state.get("receiver") or {}
@@ -100,7 +100,7 @@ def format_status(reply: dict[str, Any]) -> str:
     for run in state.get("runs") or []:
         mine = [la for la in layers if la.get("run") == run]
         steps = sorted({la.get("downsample") or 1 for la in mine} - {1})
-        lowered = " (lowered to fit the memory cap)" if run in (state.get("lowered") or []) else ""
+        lowered = LOWERED_NOTE if run in (state.get("lowered") or []) else ""
         lines.append(f"  run {run}: {len(mine)} layers, "
                      f"{sum(la.get('frames', 0) for la in mine)} frames"
                      f"{''.join(f', 1/{s}' for s in steps)}{lowered}")

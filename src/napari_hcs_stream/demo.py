@@ -163,6 +163,7 @@ class ProgressBar:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from .labels import LOWERED_NOTE
     from .publisher import SyntheticPlate, compile_pipeline, run_pipeline
     from .publisher.viewer import ViewerManager
 
@@ -209,7 +210,7 @@ def run_demo(args: argparse.Namespace) -> int:
             lowered = state.get("lowered") or []
             for layer in state.get("layers", []):
                 step = layer.get("downsample") or 1
-                why = " (lowered to fit the memory cap)" if layer.get("run") in lowered else ""
+                why = LOWERED_NOTE if layer.get("run") in lowered else ""
                 print(f"  layer {layer['name']:<32} {layer['frames']:>5} frames  "
                       f"shape {tuple(layer['shape'])}"
                       f"{f', 1/{step} resolution{why}' if step > 1 else ''}")

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "LOWERED_NOTE",
     "PLATE_FORMATS",
     "channel_display_name",
     "format_labels",
@@ -39,6 +40,9 @@ PLATE_FORMATS: dict[int, tuple[int, int]] = {
 _WELL_RE = re.compile(r"^([A-Za-z]{1,3})0*([0-9]{1,4})$")
 
 #: Overlay words per component; the channel is shown bare (``DAPI``, not ``Channel DAPI``).
+#: what the demo's summary and ``napari-hcs-stream status`` add to a run whose resolution was
+#: lowered at the memory cap
+LOWERED_NOTE = " (lowered to fit the memory cap)"
 _COMPONENT_WORDS = {"well": "Well", "site": "Site", "channel": "", "z": "Z", "t": "T"}
 
 
