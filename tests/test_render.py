@@ -28,7 +28,8 @@ def assembler():
 @pytest.fixture
 def tick(viewer, assembler):
     counter = {"n": 0}
-    render = RenderTick(viewer, assembler, generation=lambda: counter["n"])
+    # follow_ms=0: these tests call tick() back to back and look at every follow
+    render = RenderTick(viewer, assembler, generation=lambda: counter["n"], follow_ms=0)
     render.counter = counter  # type: ignore[attr-defined]
     yield render
     render.close()
@@ -137,6 +138,43 @@ def test_slider_stays_where_the_user_put_it(viewer, assembler, tick):
     put(assembler, plane(1), well="A05")
     tick.tick()
     assert viewer.dims.current_step[0] == 4
+
+
+def test_the_slider_follows_at_most_every_follow_ms(viewer, assembler, tick):
+    """A follow held back while frames stream in is made by a later tick, new frames or not;
+    meanwhile the slice the user sees is still refreshed, and a slider the user moved stays."""
+    tick.follow_ms = 60_000  # every follow after the first is held back until the test says
+    put(assembler, plane(1), well="A01")
+    put(assembler, plane(2), well="A02")
+    tick.tick()
+    assert viewer.dims.current_step[0] == 1  # a new layer's newest frame: at once
+    layer = layer_named(viewer, "out [run1]")
+    calls = []
+    layer.events.set_data.connect(lambda e: calls.append(e))
+    put(assembler, plane(3), well="A03")
+    tick.tick()
+    assert viewer.dims.current_step[0] == 1  # held back
+    calls.clear()  # (the new well grew the stack: new data for the layer)
+    put(assembler, plane(4), well="A02")  # written where the user looks: refreshed
+    put(assembler, plane(5), well="A03")  # (and the newest frame is still A03's)
+    tick.tick()
+    assert viewer.dims.current_step[0] == 1 and calls
+    tick.follow_ms = 0
+    applied = []
+    tick.applied.connect(lambda: applied.append(1))
+    tick.tick()  # no new frame: the follow held back is made now
+    assert viewer.dims.current_step[0] == 2 and applied
+
+    tick.follow_ms = 60_000  # the slider has just followed: the next follow is held back
+    put(assembler, plane(6), well="A04")
+    tick.tick()
+    assert viewer.dims.current_step[0] == 2  # held back
+    viewer.dims.set_current_step(0, 0)  # the user looks at A01 meanwhile
+    tick.follow_ms = 0
+    tick.tick()
+    put(assembler, plane(7), well="A05")
+    tick.tick()
+    assert viewer.dims.current_step[0] == 0  # the slider is the user's
 
 
 def test_clear_removes_layers_and_a_user_deleted_layer_stays_deleted(viewer, assembler, tick):

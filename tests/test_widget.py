@@ -537,6 +537,7 @@ def test_a_tick_repaints_the_window_once(docked, qtbot, floating):
 
     _viewer, widget = docked(show=True)
     widget.render_tick.stop()  # ticks only when the test says
+    widget.render_tick.follow_ms = 0  # and the slider follows at every one
     window = widget.window()  # napari's, where the layer list is
     if floating:
         dock = widget.parentWidget()
@@ -682,6 +683,7 @@ def test_go_to_newest_frame_resumes_following(docked, qtbot):
     from _frames import put
 
     viewer, widget = docked()
+    widget.render_tick.follow_ms = 0  # ticks back to back below, each one looked at
     assembler = widget.assembler
     assert not widget.go_to_newest()  # nothing streamed yet
     for z in range(3):
