@@ -31,13 +31,20 @@ endpoint, its render tick running. A spawned producer process uses the real ``Pu
   copy + ``commit``; CPU time, so waits for the GIL held by napari's main thread do not count)
   over the last 64 frames of a 96-well x 4-site x 4-channel 512x512 plate divided by that over
   its first 64 (1.0: adding a frame costs the same however big the plate).
-  ``flat_ratio_median`` uses medians: the mean is dominated by the kernel's first touch of
-  each new well's memory (numpy asks for transparent huge pages: a new well's first frame
-  faults in and zeroes 2 MiB, several ms on this VM), which the first window does not pay
-  because its stacks are still small and growth copies touch their pages.
+  ``flat_ratio_median`` uses medians: the mean is dominated by the frames that are first to
+  write a fresh 2 MiB page of a stack (transparent huge pages), which the kernel zeroes and,
+  on a virtual machine, the host must back first: several ms each on the development VM
+  whenever the prefaulter (``_prefault.py``) falls behind. The first window's stacks are
+  small and land in memory the process freed a moment before.
   ``flat_ratio_interval`` is the same ratio for the wall time between commits (end to end,
   including contention, so noisier).
-* ``rss_ratio``: this process's RSS growth over that plate / bytes of the plate's pixels.
+* ``flat_ratio_warm`` (``flat_ratio_warm_median``, ``plate_fps_warm``): the same plate
+  streamed again right after the first is cleared, into memory the process has just given
+  back. On a virtual machine whose host takes freed memory back, the first plate's new memory
+  costs the host milliseconds per 2 MiB to back (``slow_frames``: frames over 3 ms of listener
+  CPU, whole plate); the second plate shows what the assembler costs once that is paid.
+  ``flat_ratio`` stays the first plate's: a fresh viewer streams into fresh memory.
+* ``rss_ratio``: this process's RSS growth over the first plate / bytes of its pixels.
 * ``latency_p99_ms``: ``publish()`` call (producer clock) to the render tick having applied
   the frame to its layer (viewer clock; both CLOCK_MONOTONIC), 512x512 at half the measured
   maximum rate; ``latency_500_p99_ms``: the same at a fixed 500 frames/s.
@@ -246,6 +253,27 @@ class Session:
         self.viewer.close()
 
 
+def _flatness(r: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """``flat_ratio`` and its companions for one plate run (``suffix``: which run)."""
+    costs, commits = r["costs"], np.diff(r["commits"])
+    out = {
+        f"flat_ratio{suffix}": round(statistics.mean(costs[-WINDOW:])
+                                     / statistics.mean(costs[:WINDOW]), 3),
+        f"flat_ratio{suffix}_median": round(statistics.median(costs[-WINDOW:])
+                                            / statistics.median(costs[:WINDOW]), 3),
+        f"flat_ratio{suffix}_interval": round(float(commits[-WINDOW:].mean()
+                                                    / commits[:WINDOW].mean()), 3),
+        f"plate_fps{suffix}": round(r["fps"], 1),
+        f"slow_frames{suffix}": sum(c > 0.003 for c in costs),
+    }
+    log(f"plate 96x4x4 512x512{' again' if suffix else ''}: {r['fps']:.0f} frames/s, flat "
+        f"ratio {out[f'flat_ratio{suffix}']:.2f} (median "
+        f"{out[f'flat_ratio{suffix}_median']:.2f}, interval "
+        f"{out[f'flat_ratio{suffix}_interval']:.2f}), "
+        f"{out[f'slow_frames{suffix}']} frames over 3 ms")
+    return out
+
+
 def _median_of(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
@@ -304,29 +332,21 @@ def main() -> int:
                     f"{out['listener_ratio_512']:.2f} for the listener path without napari")
             session.clear()
 
-            gc.collect()
-            rss0 = _rss_bytes()
-            session.assembler.timing = True
-            r = session.stream("plate", 512, plate_n)
-            session.assembler.timing = False
-            rss1 = _rss_bytes()
-            costs, commits = r["costs"], np.diff(r["commits"])
-            out["flat_ratio"] = round(statistics.mean(costs[-WINDOW:])
-                                      / statistics.mean(costs[:WINDOW]), 3)
-            out["flat_ratio_median"] = round(statistics.median(costs[-WINDOW:])
-                                             / statistics.median(costs[:WINDOW]), 3)
-            out["flat_ratio_interval"] = round(float(commits[-WINDOW:].mean()
-                                                     / commits[:WINDOW].mean()), 3)
-            out["plate_fps"] = round(r["fps"], 1)
-            pixels = plate_n * 512 * 512 * 2
-            out["rss_ratio"] = round((rss1 - rss0) / pixels, 3)
-            out["plate_layers"] = len(session.viewer.layers)
-            log(f"plate 96x4x4 512x512: {r['fps']:.0f} frames/s, flat ratio "
-                f"{out['flat_ratio']:.2f} (median {out['flat_ratio_median']:.2f}, interval "
-                f"{out['flat_ratio_interval']:.2f}), "
-                f"rss growth {(rss1 - rss0) / 2**20:.0f} MiB for {pixels / 2**20:.0f} MiB "
-                f"of pixels (ratio {out['rss_ratio']:.2f})")
-            session.clear()
+            for suffix in ("", "_warm"):  # fresh memory, then memory just given back
+                gc.collect()
+                rss0 = _rss_bytes()
+                session.assembler.timing = True
+                r = session.stream("plate", 512, plate_n)
+                session.assembler.timing = False
+                rss1 = _rss_bytes()
+                out.update(_flatness(r, suffix))
+                if not suffix:
+                    pixels = plate_n * 512 * 512 * 2
+                    out["rss_ratio"] = round((rss1 - rss0) / pixels, 3)
+                    out["plate_layers"] = len(session.viewer.layers)
+                    log(f"  rss growth {(rss1 - rss0) / 2**20:.0f} MiB for "
+                        f"{pixels / 2**20:.0f} MiB of pixels (ratio {out['rss_ratio']:.2f})")
+                session.clear()
 
             rate = 0.5 * out["ingest_fps_512"]
             session.stream("latency", 512, 32)  # the layer exists before timing starts
