@@ -73,10 +73,9 @@ class _Streamed:
     scale: tuple[float, ...] | None = None
     #: stack indices of the layer's newest frame (as of the last update)
     newest: tuple[int, ...] | None = None
-    #: the user is at the newest frame: the slider follows this layer's new frames
-    following: bool = False
-    #: where the slider showed this layer after it last followed (the user not having moved
-    #: it since means they are still following, however far the stream has gone on)
+    #: while the user follows the stream (was at the newest frame), where the slider showed
+    #: this layer when last looked at: the user not having moved it since means they still
+    #: follow, however far the stream has gone on meanwhile; None: the slider is the user's
     followed: tuple[int, ...] | None = None
     connections: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
 
@@ -322,22 +321,22 @@ class RenderTick(QObject):
             return
         here = self._here(streamed)
         previous = update.previous_newest
-        streamed.following = (new or previous is None or tuple(previous) == here
-                              or streamed.followed == here)
-        streamed.followed = here if streamed.following else None
+        following = (new or previous is None or tuple(previous) == here
+                     or streamed.followed == here)
+        streamed.followed = here if following else None
         streamed.newest = tuple(update.newest)
-        if streamed.following:
+        if following:
             self._lead = update.name
 
     def _follow(self, *, now: float, at_once: bool) -> bool:
         """Move the sliders to the lead layer's newest frame if the user follows it and it is
         not shown yet, at most every ``follow_ms`` (``at_once``: a new layer); True if moved."""
         streamed = self._layers.get(self._lead) if self._lead is not None else None
-        if streamed is None or not streamed.following or streamed.newest is None:
+        if streamed is None or streamed.followed is None or streamed.newest is None:
             return False
         here = self._here(streamed)
         if streamed.followed != here:  # the user moved the slider since this tick's last look
-            streamed.following, streamed.followed = False, None
+            streamed.followed = None
             return False
         held = not at_once and (now - self._followed_at) * 1e3 < self.follow_ms
         if held or streamed.newest == here:
@@ -350,7 +349,7 @@ class RenderTick(QObject):
         dims.current_step = step
         self._followed_at = now
         for other in self._layers.values():  # where each following layer now stands
-            if other.following:
+            if other.followed is not None:
                 other.followed = self._here(other)
         return True
 
