@@ -39,10 +39,11 @@ PLATE_FORMATS: dict[int, tuple[int, int]] = {
 
 _WELL_RE = re.compile(r"^([A-Za-z]{1,3})0*([0-9]{1,4})$")
 
-#: Overlay words per component; the channel is shown bare (``DAPI``, not ``Channel DAPI``).
 #: what the demo's summary and ``napari-hcs-stream status`` add to a run whose resolution was
 #: lowered at the memory cap
 LOWERED_NOTE = " (lowered to fit the memory cap)"
+
+#: Overlay words per component; the channel is shown bare (``DAPI``, not ``Channel DAPI``).
 _COMPONENT_WORDS = {"well": "Well", "site": "Site", "channel": "", "z": "Z", "t": "T"}
 
 
