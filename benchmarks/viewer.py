@@ -256,22 +256,17 @@ class Session:
 def _flatness(r: dict[str, Any], suffix: str) -> dict[str, Any]:
     """``flat_ratio`` and its companions for one plate run (``suffix``: which run)."""
     costs, commits = r["costs"], np.diff(r["commits"])
-    out = {
-        f"flat_ratio{suffix}": round(statistics.mean(costs[-WINDOW:])
-                                     / statistics.mean(costs[:WINDOW]), 3),
-        f"flat_ratio{suffix}_median": round(statistics.median(costs[-WINDOW:])
-                                            / statistics.median(costs[:WINDOW]), 3),
-        f"flat_ratio{suffix}_interval": round(float(commits[-WINDOW:].mean()
-                                                    / commits[:WINDOW].mean()), 3),
-        f"plate_fps{suffix}": round(r["fps"], 1),
-        f"slow_frames{suffix}": sum(c > 0.003 for c in costs),
-    }
+    first, last = costs[:WINDOW], costs[-WINDOW:]
+    mean = statistics.mean(last) / statistics.mean(first)
+    median = statistics.median(last) / statistics.median(first)
+    interval = float(commits[-WINDOW:].mean() / commits[:WINDOW].mean())
+    slow = sum(c > 0.003 for c in costs)
     log(f"plate 96x4x4 512x512{' again' if suffix else ''}: {r['fps']:.0f} frames/s, flat "
-        f"ratio {out[f'flat_ratio{suffix}']:.2f} (median "
-        f"{out[f'flat_ratio{suffix}_median']:.2f}, interval "
-        f"{out[f'flat_ratio{suffix}_interval']:.2f}), "
-        f"{out[f'slow_frames{suffix}']} frames over 3 ms")
-    return out
+        f"ratio {mean:.2f} (median {median:.2f}, interval {interval:.2f}), "
+        f"{slow} frames over 3 ms")
+    return {f"flat_ratio{suffix}": round(mean, 3), f"flat_ratio{suffix}_median": round(median, 3),
+            f"flat_ratio{suffix}_interval": round(interval, 3),
+            f"plate_fps{suffix}": round(r["fps"], 1), f"slow_frames{suffix}": slow}
 
 
 def _median_of(values: list[float]) -> float:

@@ -116,7 +116,9 @@ class RenderTick(QObject):
         #: least time between two slider follows while frames stream in (0: every tick)
         self.follow_ms = follow_ms
         self._followed_at = -float("inf")  # time.monotonic() of the last slider follow
-        self._lead: str | None = None  # the layer whose newest frame the slider goes to
+        #: the layer whose newest frame the slider goes to (by name: once the layer is gone,
+        #: or the user deleted it, it is simply not found)
+        self._lead: str | None = None
         self._structural = False  # this tick added or removed a layer
         self._closed = False
         self._timer = QTimer()
@@ -373,8 +375,6 @@ class RenderTick(QObject):
 
     def _remove(self, name: str) -> None:
         streamed = self._layers.pop(name, None)
-        if self._lead == name:
-            self._lead = None
         if streamed is None:
             return
         self._disconnect(streamed)
